@@ -1,0 +1,50 @@
+"""The one `grail-megatron` command.
+
+Each subcommand lives in its own module with a `main(argv) -> int` function; the module
+is imported only when its subcommand runs, so `grail-megatron score` never pays for
+importing torch or verl.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module with main(argv), one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "score": ("grail_megatron.rewards.cli", "score a JSONL of completions with GRAIL's rewards"),
+    "prepare-data": ("grail_megatron.data.cli", "write verl parquet files for gsm8k / math / mbpp"),
+    "plan": ("grail_megatron.config.plan_cli", "rank and validate TP/PP/DP layouts and memory"),
+    "train": ("grail_megatron.config.train_cli", "compose, validate and launch GRPO (verl or --local)"),
+    "convert": ("grail_megatron.checkpoint.cli", "Megatron dist checkpoint <-> Hugging Face, reshard"),
+    "eval": ("grail_megatron.eval.cli", "pass@k evaluation of an HF model on a held-out split"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: grail-megatron <command> [args...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `grail-megatron <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from grail_megatron import __version__
+
+        print(__version__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"grail-megatron: unknown command {name!r}; choose from: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

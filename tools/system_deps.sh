@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the tests exercise for real. Idempotent and quiet when
+# everything is present; needs root (or sudo) only when something is missing.
+set -euo pipefail
+# binary -> package
+declare -A NEED=(
+  [bwrap]=bubblewrap
+  [unshare]=util-linux
+  [slurmctld]=slurmctld
+  [slurmd]=slurmd
+  [sbatch]=slurm-client
+  [munged]=munge
+)
+missing=()
+for bin in "${!NEED[@]}"; do
+  command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || missing+=("${NEED[$bin]}")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+echo "installing Debian packages: ${missing[*]}"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,58 @@
+"""RNG state in verl's format: a ShardedObject "rng_state" sharded over (pp, tp), one per DP group.
+
+Each rank stores [{random_rng_state, np_rng_state, torch_rng_state, rng_tracker_states,
+(cuda_rng_state)}], exactly as verl's MegatronCheckpointManager, so verl can resume from our
+checkpoints and we from verl's.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+logger = logging.getLogger(__name__)
+
+
+def collect_rng_state() -> dict:
+    import numpy as np
+    import torch
+    from megatron.core import tensor_parallel
+
+    state = {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng_state"] = torch.cuda.get_rng_state()
+    return state
+
+
+def sharded_rng_state():
+    """This rank's RNG state wrapped for dist_checkpointing (key "rng_state")."""
+    from megatron.core import parallel_state as mpu
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(
+        "rng_state",
+        [collect_rng_state()],
+        (mpu.get_pipeline_model_parallel_world_size(), mpu.get_tensor_model_parallel_world_size()),
+        (mpu.get_pipeline_model_parallel_rank(), mpu.get_tensor_model_parallel_rank()),
+        replica_id=mpu.get_data_parallel_rank(with_context_parallel=True),
+    )
+
+
+def restore_rng_state(states: list[dict]) -> None:
+    import numpy as np
+    import torch
+    from megatron.core import tensor_parallel
+
+    state = states[0]
+    random.setstate(state["random_rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    if torch.cuda.is_available() and "cuda_rng_state" in state:
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    if state.get("rng_tracker_states"):
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])

@@ -1,0 +1,35 @@
+"""One torchrun rank of the local loop: `python -m grail_megatron.local.worker --config FILE`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from grail_megatron.local.preemption import EXIT_PREEMPTED
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="a rank of the local GRPO loop (started by torchrun)")
+    parser.add_argument("--config", required=True, help="composed config written by `train --local`")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="[rank%(rank)s] %(levelname)s %(name)s: %(message)s",
+                        defaults={"rank": os.environ.get("RANK", "0")})
+
+    from omegaconf import OmegaConf
+
+    from grail_megatron.local.loop import run
+    from grail_megatron.local.settings import LocalSettings
+
+    cfg = OmegaConf.load(args.config)
+    return run(LocalSettings.from_config(cfg), cfg)
+
+
+if __name__ == "__main__":
+    code = main()
+    # Under the launcher a preemption is reported through the status file and the ranks exit 0,
+    # so torchrun does not print a worker-failure report; run directly, the code is 75.
+    if code == EXIT_PREEMPTED and os.environ.get("GRAIL_LOCAL_STATUS_FILE"):
+        code = 0
+    sys.exit(code)

@@ -1,0 +1,154 @@
+"""Minimal runtime adjustments that let megatron-core 0.18 train on CPU (gloo).
+
+megatron-core assumes CUDA in a handful of places that have nothing to do with the maths.
+Each adjustment below is small, named, documented with the exact failure it prevents, and
+applied only when no GPU is present (`enable_cpu_support()` is a no-op with a GPU and is
+idempotent). tests/megatron/test_megatron_cpu_support.py runs every case once without its
+adjustment and asserts the original error.
+
+| name            | what fails without it (CUDA build of torch, no driver)                        |
+|-----------------|-------------------------------------------------------------------------------|
+| current_device  | `torch.cuda.current_device()` in RoPE, TP layers and pipeline receive buffers |
+|                 | raises "Found no NVIDIA driver": it answers "cpu" instead                     |
+| cuda_literals   | schedules/clip_grads allocate with a literal `device="cuda"`; a global         |
+|                 | TorchFunctionMode maps CUDA device arguments (and `Tensor.cuda()`) to the CPU |
+| synchronize     | pipeline shape exchange calls `torch.cuda.synchronize()`: a no-op on CPU       |
+| clip_grad       | Megatron's optimizer asserts `grad.type() == 'torch.cuda.FloatTensor'` when    |
+|                 | clipping: replaced by the same maths without the CUDA type check              |
+
+Not patches but settings (see `parallel.seed_everything` and `bridge.Bridge`): the RNG uses
+`model_parallel_cuda_manual_seed(..., inference_rng_tracker=True)` (the CUDA tracker reads the
+CUDA RNG state), models use the local (non Transformer-Engine) layer spec, dropout 0,
+`use_cpu_initialization=True`, `sequence_parallel=False` and no fused kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_applied: set[str] = set()
+_mode: TorchFunctionMode | None = None
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    name: str
+    why: str
+    apply: Callable[[], None]
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int is a CUDA ordinal for torch factory functions and Tensor.to/cuda.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Rewrite CUDA device arguments to "cpu"; `Tensor.cuda()` returns the tensor itself."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+def _cpu_current_device():
+    return torch.device("cpu")
+
+
+def _patch_current_device() -> None:
+    torch.cuda.current_device = _cpu_current_device
+
+
+def _patch_cuda_literals() -> None:
+    global _mode
+    _mode = CudaToCpuMode()
+    _mode.__enter__()  # stays active for the life of the process (this thread)
+
+
+def _noop_synchronize(device=None) -> None:
+    """Nothing runs asynchronously on the CPU, so there is nothing to wait for."""
+
+
+def _patch_synchronize() -> None:
+    torch.cuda.synchronize = _noop_synchronize
+
+
+def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Megatron's `clip_grad_by_total_norm_fp32` without its CUDA tensor-type assertion."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if isinstance(clip_coeff, torch.Tensor):
+        clip_coeff = clip_coeff.clamp_max(1.0)
+    elif clip_coeff >= 1.0:
+        return
+    for grad in grads:
+        grad.mul_(clip_coeff)
+
+
+def _patch_clip_grad() -> None:
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
+    optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
+
+
+ADJUSTMENTS: tuple[Adjustment, ...] = (
+    Adjustment("current_device", "torch.cuda.current_device() answers 'cpu'", _patch_current_device),
+    Adjustment("cuda_literals", "device='cuda' arguments and .cuda() map to the CPU", _patch_cuda_literals),
+    Adjustment("synchronize", "torch.cuda.synchronize() is a no-op", _patch_synchronize),
+    Adjustment("clip_grad", "gradient clipping without the CUDA type assertion", _patch_clip_grad),
+)
+NAMES = tuple(a.name for a in ADJUSTMENTS)
+
+
+def enable_cpu_support(skip: Iterable[str] = ()) -> list[str]:
+    """Apply the CPU adjustments (all but `skip`) when no GPU is present; return those active.
+
+    Idempotent; with a GPU it does nothing and returns []. `skip` exists for the tests that
+    demonstrate what each adjustment prevents.
+    """
+    if torch.cuda.is_available():
+        return []
+    skip = set(skip)
+    unknown = skip - set(NAMES)
+    if unknown:
+        raise ValueError(f"unknown CPU adjustments {sorted(unknown)}; known: {list(NAMES)}")
+    for adjustment in ADJUSTMENTS:
+        if adjustment.name not in skip and adjustment.name not in _applied:
+            adjustment.apply()
+            _applied.add(adjustment.name)
+    return sorted(_applied)
+
+
+def is_enabled() -> bool:
+    return bool(_applied)
+
+
+def on_cpu_thread(fn: Callable) -> Callable:
+    """Decorate a function that runs in another thread: the device mode is per thread."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "cuda_literals" in _applied:
+            with CudaToCpuMode():
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper

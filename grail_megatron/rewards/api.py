@@ -1,0 +1,104 @@
+"""verl's entry points: ``compute_score`` (one completion) and ``compute_score_batch``.
+
+Routing is GRAIL's: the first of "gsm8k", "math", "mbpp" found in ``data_source.lower()``;
+anything else scores 0.0. Bad input (None, non-strings, unknown data sources, malformed
+MBPP ground truth) never raises: the result carries a ``reason`` instead, because one odd
+row must not kill a training step.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from grail_megatron.rewards import gsm8k, math_answer, mbpp
+from grail_megatron.rewards.sandbox import SandboxPool
+
+ROUTES = ("gsm8k", "math", "mbpp")
+
+
+def route_of(data_source: str) -> str:
+    lowered = data_source.lower()
+    for route in ROUTES:
+        if route in lowered:
+            return route
+    return "unknown"
+
+
+def _rejected(reason: str, route: str = "unknown") -> dict[str, Any]:
+    return {"score": 0.0, "route": route, "timed_out": False, "reason": reason}
+
+
+def compute_score(
+    data_source: Any,
+    solution_str: Any,
+    ground_truth: Any,
+    extra_info: Mapping[str, Any] | None = None,
+    *,
+    math_verify: bool = False,
+    sandbox: SandboxPool | None = None,
+    **_unused: Any,
+) -> dict[str, Any]:
+    """Score one completion; returns ``{"score": float, <components>...}``.
+
+    ``math_verify=True`` swaps sympy for the math-verify library in MATH correctness (a
+    departure from GRAIL parity). ``sandbox`` selects the MBPP execution pool (default: a
+    shared pool sized to the CPU count). Extra keyword arguments from verl's
+    ``reward.reward_kwargs`` are accepted and ignored.
+    """
+    try:
+        return _score(data_source, solution_str, ground_truth, math_verify, sandbox)
+    except Exception as exc:  # the last line of defence: a reward never kills a step
+        return _rejected(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _score(data_source, solution_str, ground_truth, math_verify, sandbox) -> dict[str, Any]:
+    if not isinstance(data_source, str):
+        return _rejected(f"data_source must be a string, got {type(data_source).__name__}")
+    route = route_of(data_source)
+    if route == "unknown":
+        return _rejected(f"unknown data_source {data_source!r}: expected one containing {ROUTES}")
+    if not isinstance(solution_str, str):
+        return _rejected(f"solution_str must be a string, got {type(solution_str).__name__}", route)
+    if route == "gsm8k":
+        if ground_truth is not None and not isinstance(ground_truth, str):
+            return _rejected(f"ground_truth must be a string, got {type(ground_truth).__name__}", route)
+        return gsm8k.score(solution_str, ground_truth)
+    if route == "math":
+        if not isinstance(ground_truth, str):
+            return _rejected(f"ground_truth must be a string, got {type(ground_truth).__name__}", route)
+        return math_answer.score(solution_str, ground_truth, math_verify=math_verify)
+    return mbpp.score(solution_str, ground_truth, pool=sandbox)
+
+
+def compute_score_batch(
+    items: Iterable[Mapping[str, Any]],
+    max_workers: int | None = None,
+    **kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Score many completions, results in input order.
+
+    Items are dicts with ``compute_score``'s keyword names (``data_source``,
+    ``solution_str``, ``ground_truth``, ``extra_info``). At most ``max_workers`` (default:
+    CPU count) completions are in flight; MBPP programs run concurrently in the sandbox
+    pool, GSM8K/MATH scoring is cheap and runs in the same threads.
+    """
+    items = list(items)
+    workers = max(1, min(max_workers or os.cpu_count() or 1, len(items) or 1))
+
+    def one(item: Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(item, Mapping):
+            return _rejected(f"batch item must be a mapping, got {type(item).__name__}")
+        return compute_score(
+            item.get("data_source"),
+            item.get("solution_str"),
+            item.get("ground_truth"),
+            item.get("extra_info"),
+            **kwargs,
+        )
+
+    if workers == 1:
+        return [one(item) for item in items]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as executor:
+        return list(executor.map(one, items))

@@ -1,0 +1,119 @@
+"""Pool of warm zygotes running MBPP programs in confined, per-test processes.
+
+``SandboxPool(workers)`` starts ``workers`` zygote processes (``zygote.py``); each program
+is sent to a free zygote, which forks a fresh confined process per test and reports one
+verdict per test. Threads may call ``run`` concurrently: at most ``workers`` programs run
+at once, the rest wait for a free zygote.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+
+from grail_megatron.rewards.sandbox_config import SandboxConfig
+
+
+class SandboxUnavailable(RuntimeError):
+    """The sandbox cannot start here (needs Linux namespaces; see docs/rewards.md)."""
+
+
+class _ZygoteProcess:
+    def __init__(self, config: SandboxConfig) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", "-m", "grail_megatron.rewards.zygote", json.dumps(config.to_json_dict())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={},  # nothing secret to inherit, not even in /proc/<pid>/environ
+            start_new_session=True,
+        )
+        line = self.proc.stdout.readline()
+        if line != b"ready\n":
+            error = self.proc.stderr.read().decode(errors="replace").strip().splitlines()
+            self.close()
+            raise SandboxUnavailable(f"sandbox zygote failed to start: {error[-1] if error else 'no output'}")
+
+    def run(self, programs: list[str], timeout: float) -> list[dict]:
+        self.proc.stdin.write(json.dumps({"programs": programs, "timeout": timeout}).encode() + b"\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise EOFError("sandbox zygote exited")
+        return json.loads(line)["results"]
+
+    def close(self) -> None:
+        try:
+            self.proc.kill()
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            stream.close()
+
+
+class SandboxPool:
+    """Thread-safe pool of ``workers`` zygotes sharing one ``SandboxConfig``."""
+
+    def __init__(self, workers: int | None = None, config: SandboxConfig | None = None) -> None:
+        self.config = config or SandboxConfig()
+        self.workers = max(1, workers or os.cpu_count() or 1)
+        self._free: queue.Queue[_ZygoteProcess] = queue.Queue()
+        self._all: list[_ZygoteProcess] = []
+        self._lock = threading.Lock()
+        for _ in range(self.workers):
+            self._add()
+
+    def _add(self) -> None:
+        zygote = _ZygoteProcess(self.config)
+        with self._lock:
+            self._all.append(zygote)
+        self._free.put(zygote)
+
+    def run(self, programs: list[str]) -> list[dict]:
+        """Run each program (code + test) in its own confined process; one verdict each:
+        ``{"status": "success"|"runtime_error"|"syntax_error"|"timeout"|"process_error",
+        "error": str | None}``."""
+        zygote = self._free.get()
+        try:
+            results = zygote.run(programs, self.config.timeout)
+        except (EOFError, OSError, ValueError) as exc:
+            # The zygote never runs model code, so this is an infrastructure failure:
+            # replace it and report the tests as errored rather than guessing.
+            with self._lock:
+                self._all.remove(zygote)
+            zygote.close()
+            self._add()
+            return [{"status": "process_error", "error": f"sandbox failure: {exc}"} for _ in programs]
+        self._free.put(zygote)
+        return results
+
+    def close(self) -> None:
+        with self._lock:
+            zygotes, self._all = self._all, []
+        for zygote in zygotes:
+            zygote.close()
+
+    def __enter__(self) -> SandboxPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_DEFAULT: SandboxPool | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_pool() -> SandboxPool:
+    """The process-wide pool (CPU-count workers), started on first use."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None:
+            _DEFAULT = SandboxPool()
+            atexit.register(_DEFAULT.close)
+        return _DEFAULT

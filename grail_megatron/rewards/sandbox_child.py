@@ -1,0 +1,193 @@
+"""What runs inside one sandboxed test process (forked from the zygote, see ``zygote.py``).
+
+``run_test`` never returns: it confines the process, executes ``program`` the way GRAIL's
+reference subprocess does, writes one JSON verdict to ``result_fd`` and ``_exit``s.
+
+Reference semantics kept for identical verdicts (GRAIL ``execution.py``): the code runs with
+``exec(program, {})`` (full builtins, ``__name__`` resolves to ``"builtins"``), stdout and
+stderr are write-only sinks and ``sys.stdin`` is ``None``; ``exit``/``quit``, a list of
+``os``/``shutil`` functions and ``subprocess.Popen`` are ``None``; a list of modules cannot be
+imported; RLIMIT_AS 2 GiB turns huge allocations into MemoryError; an uncaught SystemExit
+ends the process without a verdict ("process_error"). Only the confinement underneath is
+ours (namespaces, uid, rlimits, private tmpfs).
+"""
+from __future__ import annotations
+
+import builtins
+import ctypes
+import faulthandler
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from grail_megatron.rewards.privileges import Limits, drop_to
+
+# The reference's reliability_guard: these become None ...
+_NULLED_OS = (
+    "kill system putenv remove removedirs rmdir fchdir setuid fork forkpty killpg rename renames "
+    "truncate replace unlink fchmod fchown chmod chown chroot lchown"
+).split()
+_NULLED_SHUTIL = ("rmtree", "move", "chown")
+# ... and these modules cannot be imported.
+_BLOCKED_MODULES = frozenset(
+    "ipdb joblib resource psutil tkinter multiprocessing threading socket http urllib ftplib "
+    "telnetlib asyncio".split()
+)
+
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
+_MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 0x40000
+_PRIVATE_TMPFS = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+class _WriteOnlySink(io.TextIOBase):
+    """The reference's WriteOnlyStringIO, minus keeping the text (nothing reads it)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def read(self, *args, **kwargs):
+        raise io.UnsupportedOperation("not readable")
+
+    readline = read
+    readlines = read
+
+
+def _mount(libc, source: bytes, target: bytes, fstype: bytes | None, flags: int, data: bytes | None) -> None:
+    if libc.mount(source, target, fstype, flags, data) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"mount {target.decode()}: {os.strerror(errno)}")
+
+
+def import_path_exposure(paths: list[str]) -> dict[str, list[str]]:
+    """Import directories an unprivileged uid cannot reach, grouped by the top-most
+    ancestor that blocks traversal (e.g. a Python installed under /root, mode 0700).
+
+    The child covers each blocking ancestor with an empty tmpfs and bind-mounts only the
+    import directories back, so ``import unicodedata`` works as it does for the reference
+    (same user as the trainer) while the rest of that tree stays out of sight.
+    """
+    plan: dict[str, list[str]] = {}
+    for path in sorted({os.path.realpath(p) for p in paths if p and os.path.isdir(p)}):
+        blocker = None
+        parts = path.split(os.sep)
+        for depth in range(2, len(parts)):
+            ancestor = os.sep.join(parts[:depth])
+            if not os.stat(ancestor).st_mode & 0o001:
+                blocker = ancestor
+                break
+        if blocker is None:
+            continue
+        needed = plan.setdefault(blocker, [])
+        if not any(path == kept or path.startswith(kept + os.sep) for kept in needed):
+            needed.append(path)
+    return plan
+
+
+def _expose(libc, plan: dict[str, list[str]]) -> None:
+    for blocker, needed in plan.items():
+        handles = [os.open(path, os.O_PATH | os.O_DIRECTORY) for path in needed]
+        _mount(libc, b"tmpfs", blocker.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, b"size=1m,mode=0755")
+        for path, handle in zip(needed, handles):
+            os.makedirs(path, mode=0o755, exist_ok=True)
+            _mount(libc, f"/proc/self/fd/{handle}".encode(), path.encode(), None, _MS_BIND | _MS_REC, None)
+            os.close(handle)
+
+
+def _private_filesystem(tmpfs_bytes: int, uid: int, gid: int, exposure: dict[str, list[str]]) -> str:
+    """New mount namespace: fresh tmpfs on the world-writable dirs, a /proc of our pid
+    namespace; returns the private work directory (gone when the namespace dies)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    os.unshare(os.CLONE_NEWNS)
+    _mount(libc, b"none", b"/", None, _MS_REC | _MS_PRIVATE, None)
+    _expose(libc, exposure)
+    options = f"size={tmpfs_bytes},mode=1777".encode()
+    for target in _PRIVATE_TMPFS:
+        if os.path.isdir(target):
+            _mount(libc, b"tmpfs", target.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, options)
+    _mount(libc, b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
+    workdir = "/tmp/work"
+    os.mkdir(workdir, 0o700)
+    os.chown(workdir, uid, gid)
+    return workdir
+
+
+def _reference_guard() -> None:
+    faulthandler.disable()
+    builtins.exit = None
+    builtins.quit = None
+    for name in _NULLED_OS:
+        if hasattr(os, name):
+            setattr(os, name, None)
+    for name in _NULLED_SHUTIL:
+        setattr(shutil, name, None)
+    subprocess.Popen = None
+    original_import = builtins.__import__
+
+    def guarded_import(name, *args, **kwargs):
+        if name in _BLOCKED_MODULES or name.split(".")[0] in _BLOCKED_MODULES:
+            raise ImportError(f"Module '{name}' is not allowed in sandboxed execution")
+        return original_import(name, *args, **kwargs)
+
+    builtins.__import__ = guarded_import
+
+
+def _exit_code(exc: BaseException) -> int:
+    """multiprocessing's exit code for an exception escaping the process."""
+    if isinstance(exc, SystemExit):
+        if exc.code is None:
+            return 0
+        return exc.code & 0xFF if isinstance(exc.code, int) else 1
+    return 1
+
+
+def run_test(program: str, result_fd: int, config, exposure: dict[str, list[str]]) -> None:  # pragma: no cover
+    """Confine, execute, report, exit (child only). ``config`` is a ``SandboxConfig``,
+    ``exposure`` the result of ``import_path_exposure``."""
+    write = os.write
+    exit_now = os._exit
+    try:
+        devnull = os.open("/dev/null", os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.closerange(3, result_fd)
+        os.closerange(result_fd + 1, 1 << 16)
+        workdir = _private_filesystem(config.tmpfs_bytes, config.uid, config.gid, exposure)
+        os.chdir(workdir)
+        os.environ.clear()
+        Limits(
+            address_space=config.memory_bytes,
+            cpu_seconds=config.cpu_seconds,
+            processes=config.max_processes,
+            file_size=config.max_file_bytes,
+            open_files=config.max_open_files,
+        ).apply()
+        drop_to(config.uid, config.gid)
+        _reference_guard()
+        sys.stdout = sys.stderr = _WriteOnlySink()
+        sys.stdin = None
+    except BaseException as exc:  # confinement failed: never run the code unconfined
+        write(result_fd, json.dumps({"status": "process_error", "error": f"Sandbox error: {exc}"}).encode() + b"\n")
+        exit_now(70)
+    try:
+        exec(program, {})
+        verdict = {"status": "success", "error": None}
+    except SyntaxError as exc:
+        verdict = {"status": "syntax_error", "error": str(exc)}
+    except Exception as exc:
+        verdict = {"status": "runtime_error", "error": f"{type(exc).__name__}: {exc}"}
+    except BaseException as exc:  # SystemExit & co. end the reference process silently
+        exit_now(_exit_code(exc))
+    try:
+        write(result_fd, json.dumps(verdict).encode() + b"\n")
+    except BaseException:
+        exit_now(71)
+    exit_now(0)

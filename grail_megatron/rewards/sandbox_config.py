@@ -1,0 +1,27 @@
+"""Limits of the MBPP sandbox (one typed object shared by the pool, the zygote and the child)."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from grail_megatron.rewards.privileges import NOBODY_GID, NOBODY_UID
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    timeout: float = 5.0  # per test, wall clock (the reference's per-test timeout)
+    memory_bytes: int = 2 * 1024**3  # RLIMIT_AS, as the reference: MemoryError beyond it
+    max_processes: int = 64  # RLIMIT_NPROC of the sandbox uid (counts all its processes)
+    max_file_bytes: int = 16 * 1024**2  # RLIMIT_FSIZE
+    max_open_files: int = 64  # RLIMIT_NOFILE, as the reference
+    tmpfs_bytes: int = 64 * 1024**2  # size of each test's private /tmp, /var/tmp, /dev/shm
+    uid: int = NOBODY_UID
+    gid: int = NOBODY_GID
+
+    @property
+    def cpu_seconds(self) -> int:
+        # Backstop only: the wall-clock deadline kills first.
+        return math.ceil(self.timeout) + 1
+
+    def to_json_dict(self) -> dict:
+        return asdict(self)

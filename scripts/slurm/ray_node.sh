@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One Ray node of a SLURM job; train.sbatch runs it through srun, one task per node.
+#   ray_node.sh head            start the head on this node
+#   ray_node.sh worker ADDRESS  join the head at ADDRESS (host:port)
+# Runs `ray start --block` in the job's container with a per-job temp dir and ports, tags the
+# node with the Ray resource slurm_node_<name> (node ids of Ray, not IPs, identify nodes),
+# and on SIGTERM stops exactly the Ray processes it started, then removes its temp dir.
+set -uo pipefail
+# The preemption signal (USR1) is the payload's business; Ray must not die of it.
+# An ignored disposition survives exec, so ray start and its children ignore it too.
+trap '' USR1 USR2
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+role=${1:?usage: ray_node.sh head|worker [ADDRESS]}
+node=$(gm_node_name)
+index=$(gm_node_index "$node")
+base=$(gm_port_base)
+tmp="${GM_JOB_DIR:?}/ray/${node}"
+mkdir -p "$tmp"
+# A SIGTERM'd Ray node would otherwise wait up to 30 s to "drain" before stopping.
+export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
+
+args=(
+  --block --disable-usage-stats
+  --temp-dir "$tmp"
+  --num-cpus "${GM_CPUS_PER_NODE:?}" --num-gpus "${GM_GPUS_PER_NODE:-0}"
+  --resources "{\"slurm_node_${node}\": 1}"
+  --dashboard-agent-listen-port $((base + 16 + index % 16))
+)
+[ -n "${GM_NODE_IP:-}" ] && args+=(--node-ip-address "$GM_NODE_IP")
+[ -n "${GM_RAY_OBJECT_STORE_BYTES:-}" ] && args+=(--object-store-memory "$GM_RAY_OBJECT_STORE_BYTES")
+[ -n "${GM_RAY_MEMORY_BYTES:-}" ] && args+=(--memory "$GM_RAY_MEMORY_BYTES")
+case "$role" in
+  head)
+    args+=(--head --port "$base" --dashboard-port $((base + 1)) --ray-client-server-port $((base + 2)))
+    if [ "${GM_RAY_DASHBOARD:-0}" = 1 ]; then args+=(--include-dashboard=true --dashboard-host=0.0.0.0)
+    else args+=(--include-dashboard=false); fi
+    ;;
+  worker) args+=(--address "${2:?worker needs the head address}") ;;
+  *) gm_die "unknown role '$role' (head or worker)" ;;
+esac
+
+gm_log "starting Ray $role (temp dir $tmp, CPUs ${GM_CPUS_PER_NODE}, GPUs ${GM_GPUS_PER_NODE:-0})"
+gm_container_exec "${GM_PYTHON:-python3}" -m ray.scripts.scripts start "${args[@]}" &
+ray_pid=$!
+trap 'kill -TERM "$ray_pid" 2>/dev/null' TERM INT HUP
+gm_wait "$ray_pid"
+rc=$?
+gm_log "Ray $role stopped (exit $rc)"
+if [ -n "${GM_RAY_LOG_DIR:-}" ] && [ -d "$tmp/session_latest/logs" ]; then
+  mkdir -p "$GM_RAY_LOG_DIR" && cp -rL "$tmp/session_latest/logs" "$GM_RAY_LOG_DIR/${node}-run${SLURM_RESTART_COUNT:-0}" 2>/dev/null
+fi
+rm -rf "$tmp"
+exit "$rc"

@@ -1,0 +1,50 @@
+"""Fixtures for the container checks: the pinned Megatron-LM source and the patch series.
+
+The Megatron-LM source is the megatron-core sdist of the version matrix, fetched once with
+pip and kept in pytest's cache directory (`.pytest_cache/d/megatron-core-sdist`). Its
+`megatron/core/...` paths are the same as in a Megatron-LM checkout at `core_v0.18.0`
+(every .py file is byte-identical to the tag's), so a patch that applies here applies in
+the image build.
+"""
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import pytest
+from container_helpers import copy_tree, git_apply, pip_download_sdist, series
+
+from grail_megatron import versions
+
+
+@pytest.fixture(scope="session")
+def megatron_sdist(request) -> Path:
+    """Path of megatron_core-<matrix version>.tar.gz, downloaded on first use."""
+    version = versions.pypi_pins()["megatron-core"]
+    cache = Path(request.config.cache.mkdir("megatron-core-sdist"))
+    archive = cache / f"megatron_core-{version}.tar.gz"
+    if not archive.exists():
+        pip_download_sdist(version, cache)
+    assert archive.exists(), f"pip did not produce {archive.name} in {cache}"
+    return archive
+
+
+@pytest.fixture(scope="session")
+def megatron_source(megatron_sdist, tmp_path_factory) -> Path:
+    """A pristine extracted source tree (its root holds `megatron/core`). Do not modify it."""
+    out = tmp_path_factory.mktemp("megatron-src")
+    with tarfile.open(megatron_sdist) as tar:
+        tar.extractall(out, filter="data")
+    (tree,) = out.iterdir()
+    assert (tree / "megatron" / "core" / "__init__.py").exists()
+    return tree
+
+
+@pytest.fixture(scope="session")
+def patched_source(megatron_source, tmp_path_factory) -> Path:
+    """The source tree with the whole series applied in order with `git apply`."""
+    tree = copy_tree(megatron_source, tmp_path_factory.mktemp("megatron-patched") / "src")
+    for patch in series():
+        done = git_apply(tree, patch)
+        assert done.returncode == 0, f"{patch.name} does not apply:\n{done.stderr}"
+    return tree

@@ -142,6 +142,7 @@ COPY scripts/ scripts/
 COPY tools/ tools/
 COPY patches/ patches/
 COPY docs/ docs/
+COPY docker/selftest/ docker/selftest/
 ARG CHECK_VERSION_MATRIX=1
 RUN --mount=type=cache,target=/root/.cache/pip \
     printf '%s\n' "torch==${TORCH_VERSION}" "vllm==${VLLM_VERSION}" "verl==${VERL_VERSION}" \
@@ -161,6 +162,7 @@ FROM nvidia/cuda:${CUDA_VERSION}-${RUNTIME_FLAVOR}-ubuntu${UBUNTU_VERSION} AS ru
 
 ARG CUDA_VERSION
 ARG UBUNTU_VERSION
+ARG RUNTIME_FLAVOR
 ARG PYTHON_VERSION=3.12
 ARG TORCH_VERSION=2.11.0
 ARG MEGATRON_LM_REF=core_v0.18.0

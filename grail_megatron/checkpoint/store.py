@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
-from .fsutil import atomic_write_json, atomic_write_text, fsync_tree, replace_dir
+from .fsutil import atomic_write_text, fsync_tree, replace_dir
 from .layout import (
     DATALOADER_FILE,
     ROLE,
@@ -285,10 +285,25 @@ def _prepare_temp_dir(tmp: Path, paths: ActorPaths) -> None:
         directory.mkdir(parents=True)
 
 
-def _write_rank0_files(step, paths, tmp, hf_config, tokenizer, generation_config, extra_state, dataloader_state,
-                       layout, transformer_config, has_optimizer, world_size) -> None:
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+
+
+def _copy_hf_assets(source: Path, target: Path) -> None:
+    """Config, tokenizer and generation config files of an HF folder, not its weights."""
+    if not (source / "config.json").is_file():
+        raise CheckpointError(f"{source}: hf_assets_dir is not an HF model folder (no config.json)")
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in source.iterdir():
+        if entry.is_file() and not entry.name.endswith(_WEIGHT_SUFFIXES):
+            shutil.copy2(entry, target / entry.name)
+
+
+def _write_rank0_files(step, paths, tmp, hf_config, tokenizer, generation_config, hf_assets_dir, extra_state,
+                       dataloader_state, layout, transformer_config, has_optimizer, world_size) -> None:
     import torch
 
+    if hf_assets_dir is not None:
+        _copy_hf_assets(Path(hf_assets_dir), paths.huggingface)
     if hf_config is not None or tokenizer is not None:
         paths.huggingface.mkdir(parents=True, exist_ok=True)
         if hf_config is not None:
@@ -332,6 +347,7 @@ def save_checkpoint(
     hf_config=None,
     tokenizer=None,
     generation_config=None,
+    hf_assets_dir: str | os.PathLike | None = None,
     extra_state: dict | None = None,
     dataloader_state: Any = None,
     checksums: bool = False,
@@ -343,7 +359,9 @@ def save_checkpoint(
     are unwrapped). optimizer: a megatron-core optimizer or a torch Adam/AdamW over the chunks'
     parameters. extra_state: JSON-serialisable trainer state (step counters, metrics, ...),
     returned by `load_checkpoint` as `trainer_state`. dataloader_state: any picklable object
-    (verl stores `StatefulDataLoader.state_dict()` the same way). checksums: also record SHA-256
+    (verl stores `StatefulDataLoader.state_dict()` the same way). hf_assets_dir: an HF model
+    folder whose config, tokenizer and generation config files are copied next to `hf_config`
+    (weights are not copied). checksums: also record SHA-256
     of every file (costs one read pass). keep_last: delete older steps beyond this many.
     Returns the final step directory.
     """
@@ -368,7 +386,7 @@ def save_checkpoint(
 
     transformer_config = _transformer_config_json(models)
     _run_on_rank0(
-        _write_rank0_files, step, paths, tmp, hf_config, tokenizer, generation_config, extra_state,
+        _write_rank0_files, step, paths, tmp, hf_config, tokenizer, generation_config, hf_assets_dir, extra_state,
         dataloader_state, layout, transformer_config, optimizer is not None, world_size,
     )
     # Each rank flushes what it wrote (its own .distcp files) before rank 0 seals the step.
@@ -381,6 +399,51 @@ def save_checkpoint(
 
 
 # ----------------------------------------------------------------------------- load
+
+VOCAB_PADDED_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def load_model_weights(models: Sequence, model_dist_dir: Path) -> None:
+    """Collective: load model weights saved at any TP/PP (dist_checkpointing reshards them).
+
+    The vocabulary rows are padded to a multiple of TP, so the embedding / output layer of a
+    checkpoint saved at another TP may have a different number of rows: those two tensors are
+    read whole and this rank's rows copied (extra padding rows are zero).
+    """
+    import torch
+    from megatron.core.dist_checkpointing import load_tensors_metadata
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from .dist_reader import DistCheckpointReader
+
+    sharded = model_sharded_state_dict(models)
+    stored = load_tensors_metadata(str(model_dist_dir))
+    resized = []
+    for chunk_key, chunk in sharded.items():
+        for name, sh in list(chunk.items()):
+            if (isinstance(sh, ShardedTensor) and sh.key in VOCAB_PADDED_KEYS and sh.key in stored
+                    and tuple(stored[sh.key].global_shape) != tuple(sh.global_shape)):
+                resized.append((chunk_key, name, chunk.pop(name)))
+    loaded = dist_load(sharded, model_dist_dir)
+    if resized:
+        reader = DistCheckpointReader(model_dist_dir)
+        full = reader.read([(sh.key, None) for _, _, sh in resized])
+        for chunk_key, name, sh in resized:
+            source = full[(sh.key, None)]
+            if source.shape[1:] != tuple(sh.global_shape[1:]):
+                raise CheckpointError(f"{model_dist_dir}: {sh.key} has shape {tuple(source.shape)}, model needs "
+                                      f"(*, {sh.global_shape[1:]})")
+            start = sh.global_offset[0]
+            rows = torch.zeros(sh.local_shape, dtype=sh.data.dtype)
+            take = max(0, min(source.shape[0] - start, sh.local_shape[0]))
+            rows[:take] = source[start:start + take]
+            loaded[chunk_key][name] = rows
+    for index, model in enumerate(models):
+        key = "model" if len(models) == 1 else f"model{index}"
+        if key not in loaded:
+            raise CheckpointError(f"{model_dist_dir}: no '{key}' entry (saved with a different number of chunks?)")
+        _unwrap(model).load_state_dict(loaded[key], strict=True)
+
 
 
 def _choose_step(root: Path, step: int | None) -> int:
@@ -429,17 +492,13 @@ def load_checkpoint(
     if paths.legacy:
         raise CheckpointError(f"{directory}: legacy v1 layout (actor/dist_ckpt); resume needs the v2 layout")
 
-    loaded = dist_load(model_sharded_state_dict(models), paths.model_dist)
-    for index, model in enumerate(models):
-        key = "model" if len(models) == 1 else f"model{index}"
-        if key not in loaded:
-            raise CheckpointError(f"{paths.model_dist}: no '{key}' entry (saved with a different number of chunks?)")
-        _unwrap(model).load_state_dict(loaded[key], strict=True)
+    load_model_weights(models, paths.model_dist)
 
     result = LoadedCheckpoint(step=chosen, path=directory)
-    if optimizer is not None and load_optimizer:
-        if not (paths.optimizer_dist / ".metadata").exists():
-            raise CheckpointError(f"{paths.optimizer_dist}: checkpoint has no optimizer state")
+    if optimizer is not None and load_optimizer and not (paths.optimizer_dist / ".metadata").exists():
+        logger.warning("%s: checkpoint has no optimizer state (e.g. made by `convert from-hf`); "
+                       "the optimizer starts fresh", paths.optimizer_dist)
+    elif optimizer is not None and load_optimizer:
         optim_sd = {"optimizer": optimizer_sharded_state_dict(optimizer, models, is_loading=True)}
         if lr_scheduler is not None:
             optim_sd["lr_scheduler"] = lr_scheduler.state_dict()

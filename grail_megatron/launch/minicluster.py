@@ -202,8 +202,9 @@ class MiniCluster:
         Every job step inherits SLURM_CONF from sbatch, so a process whose environment names
         this cluster's slurm.conf and which is not one of the daemons was left by a job.
         """
+        daemons = {p.pid for p in self.procs.values()}
         return [(pid, cmd) for pid, cmd in _processes_with_env("SLURM_CONF", str(self.conf))
-                if pid not in {p.pid for p in self.procs.values()} and pid != os.getpid()]
+                if pid not in daemons and _parent(pid) not in daemons and pid != os.getpid()]
 
     def stop(self, drain_timeout_s: float = 30.0) -> list[tuple[int, str]]:
         """Cancel all jobs, stop daemons by PID; returns the job processes that had to be killed."""
@@ -311,6 +312,20 @@ def _processes_with_env(key: str, value: str) -> list[tuple[int, str]]:
     return found
 
 
+def _state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _kill_quietly(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
@@ -318,7 +333,22 @@ def _kill_quietly(pid: int, sig: int) -> None:
         pass
 
 
-def _terminate(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+def _stop_pid(pid: int, grace_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after `grace_s` (slurmctld can hang in shutdown once its state is saved)."""
+    _kill_quietly(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        if _state(pid) == "Z":
+            return  # exited; its parent (not us) has to reap it
+        time.sleep(0.1)
+    _kill_quietly(pid, signal.SIGKILL)
+
+
+def _terminate(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
     if proc.poll() is not None:
         return
     proc.terminate()
@@ -360,7 +390,7 @@ def _cmd_down(args: argparse.Namespace) -> int:
             _kill_quietly(pid, signal.SIGKILL)
     for name in [n for n in pids if n.startswith("slurmd-")] + ["slurmctld", "munged"]:
         if name in pids:
-            _kill_quietly(pids[name], signal.SIGTERM)
+            _stop_pid(pids[name])
     paths.pids.unlink()
     return 0
 

@@ -1,7 +1,7 @@
 """Which network interface NCCL/GLOO (and Ray) should use on a node.
 
-`python -m grail_megatron.launch.netif` prints the interface name; `--ip IFACE` prints its
-IPv4 address. Default choice: the interface of the IPv4 default route (the one that reaches
+`python -m grail_megatron.launch.netif [--iface NAME]` prints `<interface> <IPv4 address>`
+(the address is `-` if the interface has none). Default choice: the interface of the IPv4 default route (the one that reaches
 the other nodes on ordinary clusters), else the first non-loopback interface that has an
 address, else `lo`. Users with InfiniBand/RoCE or several Ethernet ports set
 `GM_SOCKET_IFNAME` (or NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME) instead.
@@ -62,17 +62,13 @@ def _read(path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m grail_megatron.launch.netif", description=__doc__.split("\n")[0])
-    parser.add_argument("--ip", metavar="IFACE", help="print the IPv4 address of IFACE instead")
+    parser.add_argument("--iface", help="report this interface instead of detecting one")
     args = parser.parse_args(argv)
-    if args.ip:
-        ip = interface_ipv4(args.ip)
-        if ip is None:
-            known = ", ".join(interfaces()) or "none"
-            print(f"interface {args.ip!r} has no IPv4 address (interfaces: {known})", file=sys.stderr)
-            return 1
-        print(ip)
-        return 0
-    print(detect_interface())
+    name = args.iface or detect_interface()
+    if args.iface and args.iface not in interfaces():
+        print(f"no network interface {args.iface!r} (interfaces: {', '.join(interfaces()) or 'none'})", file=sys.stderr)
+        return 1
+    print(name, interface_ipv4(name) or "-")
     return 0
 
 

@@ -10,7 +10,7 @@ quantity the actor recomputes; their difference is the train/rollout mismatch me
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -84,13 +84,36 @@ class HFRollout:
         return loaded
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], seed: int) -> RolloutBatch:
-        s = self.sampling
+    def generate(self, prompt_ids: list[list[int]], seed: int, sampling: SamplingSettings | None = None) -> RolloutBatch:
+        s = sampling or self.sampling
         prompts, prompt_mask = left_pad(prompt_ids, self.pad_id)
         prompts = prompts.repeat_interleave(s.n, dim=0)  # sample i*n .. i*n+n-1 belong to prompt i
         prompt_mask = prompt_mask.repeat_interleave(s.n, dim=0)
-        torch.manual_seed(seed)  # same seed -> same samples (resume reproduces the batch)
-        out = self.model.generate(
+        with torch.random.fork_rng(devices=[]):  # same seed -> same samples; other RNG users untouched
+            torch.manual_seed(seed)
+            out = self._generate(prompts, prompt_mask, s)
+        width = prompts.shape[1]
+        generated = out.sequences[:, width:]
+        responses = torch.full((prompts.shape[0], s.response_length), self.pad_id, dtype=torch.long)
+        responses[:, : generated.shape[1]] = generated
+        response_mask = mask_after_eos(responses, self.eos_ids)
+        responses = responses.masked_fill(response_mask == 0, self.pad_id)
+        # Raw logits / temperature: verl's actor scales by the same temperature.
+        logits = torch.stack(out.logits, dim=1).float() / (s.temperature if s.do_sample else 1.0)
+        token_lp = torch.log_softmax(logits, dim=-1).gather(-1, generated.unsqueeze(-1)).squeeze(-1)
+        log_probs = torch.zeros(responses.shape, dtype=torch.float32)
+        log_probs[:, : token_lp.shape[1]] = token_lp
+        log_probs = log_probs * response_mask
+        return RolloutBatch(
+            prompts=prompts,
+            responses=responses,
+            attention_mask=torch.cat([prompt_mask, response_mask], dim=1),
+            response_mask=response_mask,
+            rollout_log_probs=log_probs,
+        )
+
+    def _generate(self, prompts: torch.Tensor, prompt_mask: torch.Tensor, s: SamplingSettings):
+        return self.model.generate(
             input_ids=prompts,
             attention_mask=prompt_mask,
             do_sample=s.do_sample,
@@ -103,25 +126,18 @@ class HFRollout:
             output_logits=True,
             return_dict_in_generate=True,
         )
-        width = prompts.shape[1]
-        generated = out.sequences[:, width:]
-        responses = torch.full((prompts.shape[0], s.response_length), self.pad_id, dtype=torch.long)
-        responses[:, : generated.shape[1]] = generated
-        response_mask = mask_after_eos(responses, self.eos_ids)
-        responses = responses.masked_fill(response_mask == 0, self.pad_id)
-        # Raw logits / temperature: verl's actor scales by the same temperature.
-        logits = torch.stack(out.logits, dim=1).float() / s.temperature
-        token_lp = torch.log_softmax(logits, dim=-1).gather(-1, generated.unsqueeze(-1)).squeeze(-1)
-        log_probs = torch.zeros(responses.shape, dtype=torch.float32)
-        log_probs[:, : token_lp.shape[1]] = token_lp
-        log_probs = log_probs * response_mask
-        return RolloutBatch(
-            prompts=prompts,
-            responses=responses,
-            attention_mask=torch.cat([prompt_mask, response_mask], dim=1),
-            response_mask=response_mask,
-            rollout_log_probs=log_probs,
-        )
+
+    def generate_texts(self, messages: list[list[dict]], n: int, seeds: list[int],
+                       sampling: SamplingSettings) -> list[list[str]]:
+        """`n` decoded completions per chat prompt, each prompt with its own seed (validation)."""
+        per_prompt = replace(sampling, n=n)
+        texts = []
+        for chat, seed in zip(messages, seeds, strict=True):
+            ids = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            out = self.generate([ids], seed=seed % (2**63), sampling=per_prompt)
+            texts.append(self.decode(out.responses, out.response_mask))
+        return texts
 
     def decode(self, responses: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
         return [

@@ -78,6 +78,17 @@ class SamplingSettings:
 
 
 @dataclass(frozen=True)
+class ValidationSettings:
+    """`actor_rollout_ref.rollout.val_kwargs` (verl's default: greedy, n=1)."""
+
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = -1
+    do_sample: bool = False
+
+
+@dataclass(frozen=True)
 class ActorSettings:
     lr: float
     clip_ratio_low: float
@@ -115,6 +126,7 @@ class LocalSettings:
     actor: ActorSettings
     trainer: TrainerSettings
     norm_adv_by_std_in_grpo: bool
+    validation: ValidationSettings = ValidationSettings()
     reward_fn_path: str | None = None
     reward_fn_name: str = "compute_score"
     reward_kwargs: dict = field(default_factory=dict)
@@ -195,6 +207,13 @@ class LocalSettings:
                 experiment_name=str(_get(cfg, "trainer.experiment_name", "local")),
                 val_before_train=bool(_get(cfg, "trainer.val_before_train", False)),
                 resume_mode=str(_get(cfg, "trainer.resume_mode", "auto")),
+            ),
+            validation=ValidationSettings(
+                n=_positive(_get(cfg, f"{arr}.rollout.val_kwargs.n", 1), f"{arr}.rollout.val_kwargs.n"),
+                temperature=float(_get(cfg, f"{arr}.rollout.val_kwargs.temperature", 0.0)),
+                top_p=float(_get(cfg, f"{arr}.rollout.val_kwargs.top_p", 1.0)),
+                top_k=int(_get(cfg, f"{arr}.rollout.val_kwargs.top_k", -1)),
+                do_sample=bool(_get(cfg, f"{arr}.rollout.val_kwargs.do_sample", False)),
             ),
             norm_adv_by_std_in_grpo=bool(_get(cfg, "algorithm.norm_adv_by_std_in_grpo", True)),
             reward_fn_path=_get(cfg, "reward.custom_reward_function.path", None),

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from grail_megatron.local.preemption import EXIT_PREEMPTED
 
@@ -14,8 +15,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="a rank of the local GRPO loop (started by torchrun)")
     parser.add_argument("--config", required=True, help="composed config written by `train --local`")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="[rank%(rank)s] %(levelname)s %(name)s: %(message)s",
-                        defaults={"rank": os.environ.get("RANK", "0")})
+    # megatron-core and mbridge warn at import about missing CUDA-only extras (Transformer
+    # Engine, Apex, CUDA_DEVICE_MAX_CONNECTIONS); on the CPU path these are expected.
+    for module in (r"megatron\..*", r"mbridge\..*"):
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.WARNING, format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
 
     from omegaconf import OmegaConf
 

@@ -24,6 +24,7 @@ CUDA RNG state), models use the local (non Transformer-Engine) layer spec, dropo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ class Adjustment:
     name: str
     why: str
     apply: Callable[[], None]
+    revert: Callable[[], None]
 
 
 def _is_cuda_device(device) -> bool:
@@ -69,8 +71,16 @@ def _cpu_current_device():
     return torch.device("cpu")
 
 
+_originals: dict[str, object] = {}
+
+
 def _patch_current_device() -> None:
+    _originals["current_device"] = torch.cuda.current_device
     torch.cuda.current_device = _cpu_current_device
+
+
+def _revert_current_device() -> None:
+    torch.cuda.current_device = _originals.pop("current_device")
 
 
 def _patch_cuda_literals() -> None:
@@ -79,12 +89,23 @@ def _patch_cuda_literals() -> None:
     _mode.__enter__()  # stays active for the life of the process (this thread)
 
 
+def _revert_cuda_literals() -> None:
+    global _mode
+    _mode.__exit__(None, None, None)
+    _mode = None
+
+
 def _noop_synchronize(device=None) -> None:
     """Nothing runs asynchronously on the CPU, so there is nothing to wait for."""
 
 
 def _patch_synchronize() -> None:
+    _originals["synchronize"] = torch.cuda.synchronize
     torch.cuda.synchronize = _noop_synchronize
+
+
+def _revert_synchronize() -> None:
+    torch.cuda.synchronize = _originals.pop("synchronize")
 
 
 def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
@@ -105,16 +126,30 @@ def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_
 def _patch_clip_grad() -> None:
     from megatron.core.optimizer import clip_grads, optimizer
 
+    _originals["clip_grad"] = clip_grads.clip_grad_by_total_norm_fp32
     clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
     optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
 
 
+def _revert_clip_grad() -> None:
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    original = _originals.pop("clip_grad")
+    clip_grads.clip_grad_by_total_norm_fp32 = original
+    optimizer.clip_grad_by_total_norm_fp32 = original
+
+
 ADJUSTMENTS: tuple[Adjustment, ...] = (
-    Adjustment("current_device", "torch.cuda.current_device() answers 'cpu'", _patch_current_device),
-    Adjustment("cuda_literals", "device='cuda' arguments and .cuda() map to the CPU", _patch_cuda_literals),
-    Adjustment("synchronize", "torch.cuda.synchronize() is a no-op", _patch_synchronize),
-    Adjustment("clip_grad", "gradient clipping without the CUDA type assertion", _patch_clip_grad),
+    Adjustment("current_device", "torch.cuda.current_device() answers 'cpu'",
+               _patch_current_device, _revert_current_device),
+    Adjustment("cuda_literals", "device='cuda' arguments and .cuda() map to the CPU",
+               _patch_cuda_literals, _revert_cuda_literals),
+    Adjustment("synchronize", "torch.cuda.synchronize() is a no-op",
+               _patch_synchronize, _revert_synchronize),
+    Adjustment("clip_grad", "gradient clipping without the CUDA type assertion",
+               _patch_clip_grad, _revert_clip_grad),
 )
+_BY_NAME = {a.name: a for a in ADJUSTMENTS}
 NAMES = tuple(a.name for a in ADJUSTMENTS)
 
 
@@ -139,6 +174,27 @@ def enable_cpu_support(skip: Iterable[str] = ()) -> list[str]:
 
 def is_enabled() -> bool:
     return bool(_applied)
+
+
+def active() -> list[str]:
+    return sorted(_applied)
+
+
+@contextlib.contextmanager
+def without(name: str):
+    """Temporarily undo one adjustment (diagnostics and the tests that show why it exists)."""
+    if name not in _BY_NAME:
+        raise ValueError(f"unknown CPU adjustment {name!r}; known: {list(NAMES)}")
+    was_applied = name in _applied
+    if was_applied:
+        _BY_NAME[name].revert()
+        _applied.discard(name)
+    try:
+        yield
+    finally:
+        if was_applied:
+            _BY_NAME[name].apply()
+            _applied.add(name)
 
 
 def on_cpu_thread(fn: Callable) -> Callable:

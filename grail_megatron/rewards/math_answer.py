@@ -103,5 +103,6 @@ def score(
         "trailing": parsed.trailing,
         "no_trailing": no_trailing,
         "timed_out": timed_out,
-        "reason": error,
+        "check_error": error,  # the checker's own failure (not the input's fault), else ""
+        "reason": "",
     }

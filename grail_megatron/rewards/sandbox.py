@@ -110,10 +110,11 @@ _DEFAULT_LOCK = threading.Lock()
 
 
 def default_pool() -> SandboxPool:
-    """The process-wide pool (CPU-count workers), started on first use."""
+    """The process-wide pool, started on first use: ``GRAIL_SANDBOX_WORKERS`` zygotes
+    (default: the CPU count) with the default ``SandboxConfig``."""
     global _DEFAULT
     with _DEFAULT_LOCK:
         if _DEFAULT is None:
-            _DEFAULT = SandboxPool()
+            _DEFAULT = SandboxPool(int(os.environ.get("GRAIL_SANDBOX_WORKERS", "0")) or None)
             atexit.register(_DEFAULT.close)
         return _DEFAULT

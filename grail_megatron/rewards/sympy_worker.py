@@ -6,13 +6,13 @@
 
 * is started with an empty environment, holds no privileges (``nobody``, no network,
   RLIMIT_AS 2 GiB) and imports sympy once;
-* answers requests over a pipe; the scoring process waits at most ``budget`` seconds and
-  otherwise SIGKILLs the worker's process group and switches to a pre-started spare, so a
-  hang costs one budget and the next call pays nothing;
-* evaluates in-process only answers made of plain math characters (no ``_``, quotes,
-  backslashes or attribute access), which cannot reach and alter sympy's state; anything
-  else is evaluated in a forked child that dies afterwards, so one completion cannot
-  change how later completions are judged.
+* never evaluates anything itself: it forks evaluator processes from its warm state and
+  SIGKILLs one that runs past ``budget`` seconds; the replacement is another fork
+  (milliseconds), so a hang costs one budget and the next call pays nothing;
+* keeps one persistent evaluator (warm sympy cache) for answers made of plain math
+  characters (no ``_``, quotes, backslashes or attribute access), which cannot reach and
+  alter sympy's state; any other answer gets a one-shot evaluator that dies afterwards,
+  so one completion cannot change how later completions are judged.
 """
 from __future__ import annotations
 
@@ -69,55 +69,124 @@ def _is_inert(text: str) -> bool:
     return _SAFE_EXPRESSION.fullmatch(text) is not None and _ATTRIBUTE_ACCESS.search(text) is None
 
 
-def _evaluate_in_child(op, pred: str, gold: str) -> bool:
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the forked child
-        os.close(read_end)
+def _read_line(fd: int, deadline: float | None, buffer: bytearray) -> bytes | None:
+    """One line from ``fd`` (None at the deadline); raises EOFError when the writer is gone."""
+    while b"\n" not in buffer:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                return None
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise EOFError("peer closed the pipe")
+        buffer += chunk
+    line, _, rest = bytes(buffer).partition(b"\n")
+    buffer[:] = rest
+    return line
+
+
+def _evaluate(request: dict) -> dict:
+    try:
+        return {"equal": _OPS[request["op"]](request["pred"], request["gold"])}
+    except Exception as exc:  # a failing check must never kill the evaluator
+        return {"equal": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+class _Evaluator:
+    """A process forked from the warm server that evaluates requests; killed on overrun.
+
+    The persistent evaluator serves inert requests (its sympy cache stays warm); a one-shot
+    evaluator serves a single request that could alter interpreter state, then dies.
+    """
+
+    def __init__(self) -> None:
+        to_child, self._to_child = os.pipe()
+        self._from_child, from_parent = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # pragma: no cover - evaluator process
+            os.close(self._to_child)
+            os.close(self._from_child)
+            self._serve_child(to_child, from_parent)
+        os.close(to_child)
+        os.close(from_parent)
+        self._buffer = bytearray()
+
+    @staticmethod
+    def _serve_child(requests: int, replies: int) -> None:  # pragma: no cover - child
         import resource
 
-        # A child that escapes the process group (setsid) still dies of CPU exhaustion.
-        resource.setrlimit(resource.RLIMIT_CPU, (5, 5))
-        os.write(write_end, b"1" if op(pred, gold) else b"0")
-        os._exit(0)
-    os.close(write_end)
-    try:
-        with os.fdopen(read_end, "rb") as reader:
-            return reader.read(1) == b"1"
-    finally:
-        os.waitpid(pid, 0)
+        # A runaway that escapes the process group (setsid) still dies of CPU exhaustion.
+        resource.setrlimit(resource.RLIMIT_CPU, (120, 120))
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        buffer = bytearray()
+        while True:
+            try:
+                line = _read_line(requests, None, buffer)
+            except EOFError:
+                os._exit(0)
+            os.write(replies, json.dumps(_evaluate(json.loads(line))).encode() + b"\n")
+
+    def ask(self, request: dict, deadline: float) -> dict | None:
+        """The reply, or None if the deadline passed first."""
+        os.write(self._to_child, json.dumps(request).encode() + b"\n")
+        try:
+            line = _read_line(self._from_child, deadline, self._buffer)
+        except EOFError:
+            return {"equal": False, "error": "evaluator died"}
+        return None if line is None else json.loads(line)
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(self.pid, 0)
+        os.close(self._to_child)
+        os.close(self._from_child)
 
 
-def _handle(request: dict) -> bool:
-    op = _OPS[request["op"]]
-    pred, gold = request["pred"], request["gold"]
-    if request["op"] == "sympy" and _is_inert(pred) and _is_inert(gold):
-        return op(pred, gold)
-    return _evaluate_in_child(op, pred, gold)
+class _Server:
+    """The worker process's loop. It never evaluates anything itself: it forks evaluators,
+    so replacing a killed one costs a fork (milliseconds), not a sympy import (seconds)."""
+
+    def __init__(self) -> None:
+        self._persistent = _Evaluator()
+
+    def handle(self, request: dict) -> dict:
+        deadline = time.monotonic() + float(request["budget"])
+        inert = request["op"] == "sympy" and _is_inert(request["pred"]) and _is_inert(request["gold"])
+        evaluator = self._persistent if inert else _Evaluator()
+        reply = evaluator.ask(request, deadline)
+        broken = reply is None or reply.get("error") == "evaluator died"
+        if broken or not inert:
+            evaluator.kill()
+        if broken and inert:
+            self._persistent = _Evaluator()
+        if reply is None:  # over budget: the reference would still be running
+            return {"equal": False, "timed_out": True}
+        return reply
 
 
 def _serve() -> None:  # pragma: no cover - exercised through SympyChecker in a subprocess
     from grail_megatron.rewards.privileges import Limits, drop_to, isolate_network
 
-    import sympy  # noqa: F401 - imported before the sandbox closes, so requests start warm
+    import sympy  # noqa: F401 - imported before the sandbox closes, so evaluators start warm
 
     _sympy_equal("sqrt(8)", "2*sqrt(2)")
     _sympy_equal("(x-1)*(x+1)", "x**2-1")
-    if os.environ.get("GRAIL_PRELOAD_MATH_VERIFY") == "1" or "--math-verify" in sys.argv:
+    if "--math-verify" in sys.argv:
         _math_verify_equal("\\frac{1}{2}", "0.5")
     isolate_network()
     Limits(open_files=64).apply()
     drop_to()
+    server = _Server()
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     stdout.write(b"ready\n")
     stdout.flush()
     for line in stdin:
-        try:
-            equal = _handle(json.loads(line))
-            reply = {"equal": equal}
-        except Exception as exc:  # a failing check must never kill the worker
-            reply = {"equal": False, "error": f"{type(exc).__name__}: {exc}"}
-        stdout.write(json.dumps(reply).encode() + b"\n")
+        stdout.write(json.dumps(server.handle(json.loads(line))).encode() + b"\n")
         stdout.flush()
 
 
@@ -177,17 +246,22 @@ class _Worker:
 
 
 class SympyChecker:
-    """Thread-safe front end: one active worker, one warm spare, an LRU cache."""
+    """Thread-safe front end: one worker process per mode, an LRU cache of verdicts.
 
-    def __init__(self, budget: float = 0.5, startup_timeout: float = 60.0, cache_size: int = 65536):
+    The worker enforces ``budget`` itself (it kills and re-forks its evaluator); this side
+    only waits ``budget + slack`` and restarts the whole worker if even that passes.
+    """
+
+    def __init__(self, budget: float = 0.5, slack: float = 0.25, startup_timeout: float = 60.0,
+                 cache_size: int = 65536):
         self.budget = budget
+        self.slack = slack
         self.startup_timeout = startup_timeout
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str, str], CheckResult] = OrderedDict()
         self._lock = threading.Lock()
-        self._active: dict[bool, _Worker] = {}
-        self._spare: dict[bool, _Worker] = {}
-        self.kills = 0
+        self._workers: dict[bool, _Worker] = {}
+        self.timeouts = 0
 
     def check(self, pred: str, gold: str, op: str = "sympy") -> CheckResult:
         key = (op, pred, gold)
@@ -206,47 +280,41 @@ class SympyChecker:
         """Start (and wait for) the worker so the first check pays no startup."""
         with self._lock:
             self._worker(math_verify)
-            self._spare_for(math_verify)
 
     def close(self) -> None:
         with self._lock:
-            for worker in [*self._active.values(), *self._spare.values()]:
+            for worker in self._workers.values():
                 worker.kill()
-            self._active.clear()
-            self._spare.clear()
+            self._workers.clear()
 
     # -- internals (called with the lock held)
-    def _spare_for(self, math_verify: bool) -> _Worker:
-        if math_verify not in self._spare:
-            self._spare[math_verify] = _Worker(math_verify)
-        return self._spare[math_verify]
-
     def _worker(self, math_verify: bool) -> _Worker:
-        worker = self._active.get(math_verify)
+        worker = self._workers.get(math_verify)
         if worker is None:
-            worker = self._spare.pop(math_verify, None) or _Worker(math_verify)
-            self._active[math_verify] = worker
-            self._spare_for(math_verify)  # start the replacement while this one works
+            worker = self._workers[math_verify] = _Worker(math_verify)
         if not worker.wait_ready(time.monotonic() + self.startup_timeout):
+            self._retire(math_verify)
             raise RuntimeError("sympy worker did not start")
         return worker
 
     def _ask(self, op: str, pred: str, gold: str) -> CheckResult:
         math_verify = op == "math_verify"
+        request = {"op": op, "pred": pred, "gold": gold, "budget": self.budget}
         try:
             worker = self._worker(math_verify)
-            reply = worker.ask({"op": op, "pred": pred, "gold": gold}, time.monotonic() + self.budget)
-        except (EOFError, BrokenPipeError, OSError, RuntimeError) as exc:
+            reply = worker.ask(request, time.monotonic() + self.budget + self.slack)
+        except (EOFError, OSError, RuntimeError, ValueError) as exc:
             self._retire(math_verify)
             return CheckResult(False, error=f"sympy worker failed: {exc}")
-        if reply is None:  # over budget: the reference would still be running
+        if reply is None:  # the worker itself is stuck: start afresh
             self._retire(math_verify)
-            self.kills += 1
-            return CheckResult(False, timed_out=True)
-        return CheckResult(bool(reply["equal"]), error=reply.get("error", ""))
+            reply = {"equal": False, "timed_out": True}
+        if reply.get("timed_out"):
+            self.timeouts += 1
+        return CheckResult(bool(reply["equal"]), bool(reply.get("timed_out")), reply.get("error", ""))
 
     def _retire(self, math_verify: bool) -> None:
-        worker = self._active.pop(math_verify, None)
+        worker = self._workers.pop(math_verify, None)
         if worker is not None:
             worker.kill()
 

@@ -1,1 +1,34 @@
+"""Registration of the grail_megatron trainer mode with verl 0.9.1 (actor+rollout, separate ref).
 
+Importing this package is cheap; `register()` (or `setup_worker_process()`, the Ray worker
+setup hook named in configs/grail/grpo.yaml) imports verl and registers the mode. verl's
+`TaskRunnerV1` looks the mode up in its Ray actor process, which is why the registration runs
+there through `ray_kwargs.ray_init.runtime_env.worker_process_setup_hook`.
+"""
+
+from __future__ import annotations
+
+TRAINER_MODE = "grail_megatron"
+
+
+def register():
+    """Register `trainer.v1.trainer_mode=grail_megatron` in this process; returns the trainer class."""
+    from grail_megatron.workers.trainer import register as _register
+
+    return _register()
+
+
+def setup_worker_process() -> None:
+    """Ray `worker_process_setup_hook`: runs in every Ray worker before any actor starts."""
+    register()
+
+
+def run_verl(cfg) -> None:
+    """Run verl's PPO entry (`run_ppo` with verl's own TaskRunnerV1) on a validated config."""
+    from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
+
+    register()
+    run_ppo(cfg, task_runner_class=TaskRunnerV1)
+
+
+__all__ = ["TRAINER_MODE", "register", "run_verl", "setup_worker_process"]

@@ -27,16 +27,18 @@ gm_node_index() {
 #   base+0 GCS, +1 dashboard, +2 Ray client server, +16+k dashboard agent of node k.
 gm_port_base() { echo "${GM_PORT_BASE:-$((20000 + (${SLURM_JOB_ID:-0} % 1000) * 32))}"; }
 
-# Run a command inside the job's container on this node. pyxis steps are already inside the
-# container (srun --container-image), bare metal needs nothing; Apptainer wraps the command.
+# Replace the calling (sub)shell by a command inside the job's container on this node, so
+# signals sent to a `gm_container_exec ... &` PID reach the command itself. pyxis steps are
+# already inside the container (srun --container-image), bare metal needs nothing;
+# Apptainer wraps the command.
 gm_container_exec() {
   case "${GM_CONTAINER:-none}" in
-    none | pyxis) "$@" ;;
+    none | pyxis) exec "$@" ;;
     apptainer)
       local args=(exec)
       [ "${GM_GPUS_PER_NODE:-0}" -gt 0 ] && args+=(--nv)
       args+=(--bind "$(gm_container_mounts)")
-      "${GM_APPTAINER:-apptainer}" "${args[@]}" "${GM_IMAGE:?GM_IMAGE (container image) is not set}" "$@"
+      exec "${GM_APPTAINER:-apptainer}" "${args[@]}" "${GM_IMAGE:?GM_IMAGE (container image) is not set}" "$@"
       ;;
     *) gm_die "GM_CONTAINER must be none, pyxis or apptainer (got '${GM_CONTAINER}')" ;;
   esac

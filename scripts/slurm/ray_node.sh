@@ -27,7 +27,11 @@ args=(
   --resources "{\"slurm_node_${node}\": 1}"
   --dashboard-agent-listen-port $((base + 16 + index % 16))
 )
-[ -n "${GM_NODE_IP:-}" ] && args+=(--node-ip-address "$GM_NODE_IP")
+# Advertise this node's address on the job's socket interface (the one NCCL/GLOO use).
+if [ -n "${GM_SOCKET_IFNAME:-}" ] && [ "$GM_SOCKET_IFNAME" != lo ]; then
+  read -r _ node_ip < <(gm_container_exec "${GM_PYTHON:-python3}" -m grail_megatron.launch.netif --iface "$GM_SOCKET_IFNAME")
+  [ "${node_ip:--}" != - ] && args+=(--node-ip-address "$node_ip")
+fi
 [ -n "${GM_RAY_OBJECT_STORE_BYTES:-}" ] && args+=(--object-store-memory "$GM_RAY_OBJECT_STORE_BYTES")
 [ -n "${GM_RAY_MEMORY_BYTES:-}" ] && args+=(--memory "$GM_RAY_MEMORY_BYTES")
 case "$role" in
@@ -41,14 +45,27 @@ case "$role" in
 esac
 
 gm_log "starting Ray $role (temp dir $tmp, CPUs ${GM_CPUS_PER_NODE}, GPUs ${GM_GPUS_PER_NODE:-0})"
-gm_container_exec "${GM_PYTHON:-python3}" -m ray.scripts.scripts start "${args[@]}" &
+# Ray's own start-up chatter goes to a file; it is shown if Ray dies on its own (or always
+# with GM_RAY_VERBOSE=1).
+out="$GM_JOB_DIR/ray-${node}.out"
+if [ "${GM_RAY_VERBOSE:-0}" = 1 ]; then out=/dev/stdout; fi
+gm_container_exec "${GM_PYTHON:-python3}" -m ray.scripts.scripts start "${args[@]}" >>"$out" 2>&1 &
 ray_pid=$!
-trap 'kill -TERM "$ray_pid" 2>/dev/null' TERM INT HUP
+stopping=0
+trap 'stopping=1; kill -TERM "$ray_pid" 2>/dev/null' TERM INT HUP
 gm_wait "$ray_pid"
 rc=$?
-gm_log "Ray $role stopped (exit $rc)"
+if [ "$stopping" = 1 ]; then
+  gm_log "Ray $role stopped"
+  rc=0
+else
+  gm_log "ERROR: Ray $role exited on its own (exit $rc); its output:"
+  [ -f "$out" ] && tail -n 40 "$out" | sed 's/^/    /'
+  [ "$rc" = 0 ] && rc=1
+fi
 if [ -n "${GM_RAY_LOG_DIR:-}" ] && [ -d "$tmp/session_latest/logs" ]; then
   mkdir -p "$GM_RAY_LOG_DIR" && cp -rL "$tmp/session_latest/logs" "$GM_RAY_LOG_DIR/${node}-run${SLURM_RESTART_COUNT:-0}" 2>/dev/null
 fi
 rm -rf "$tmp"
+[ "$out" != /dev/stdout ] && rm -f "$out"
 exit "$rc"

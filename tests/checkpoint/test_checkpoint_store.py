@@ -115,3 +115,29 @@ def test_resume_at_other_layout_reshards_weights_and_optimizer(tmp_path, hf_dir)
     assert torch.equal(by_rank1["0.output_layer.weight"], ref_state["0.output_layer.weight"])
     assert torch.equal(by_rank1["0.decoder.layers.0.mlp.linear_fc1.weight"],
                        ref_state["0.decoder.layers.1.mlp.linear_fc1.weight"])
+
+
+def _load_any_worker(root, hf_dir, step):
+    from grail_megatron.checkpoint import load_checkpoint
+
+    _bridge, models, optimizer = _setup(hf_dir, 1, 1, seed=5)
+    try:
+        return load_checkpoint(root, models, optimizer, step=step).step
+    except CheckpointError as exc:
+        return f"CheckpointError: {exc}"
+
+
+@pytest.mark.multiproc
+def test_corrupt_newest_step_is_refused_and_previous_used(tmp_path, hf_dir, caplog):
+    root = tmp_path / "ckpts"
+    run_ranks(_save_worker, 2, hf_dir, root, 2, 1, [1, 2])
+    shard = sorted((root / "global_step_2" / "actor" / "model" / "dist_ckpt").glob("*.distcp"))[0]
+    with open(shard, "r+b") as f:  # a truncated write, e.g. the node died while copying
+        f.truncate(shard.stat().st_size // 2)
+    with caplog.at_level("WARNING"):
+        assert latest_complete_step(root) == 1
+    assert "skipping checkpoint step 2" in caplog.text and "truncated" in caplog.text
+    # a fresh process resumes from step 1; asking for step 2 explicitly is a clear error
+    assert run_ranks(_load_any_worker, 1, root, hf_dir, None) == [1]
+    [message] = run_ranks(_load_any_worker, 1, root, hf_dir, 2)
+    assert message.startswith("CheckpointError:") and shard.name in message and "truncated" in message

@@ -80,7 +80,7 @@ def test_verl_rlhf_dataset_loads_prepared_files_and_agrees_on_prompt_length(tmp_
     assert (train.rows, train.too_long) == (expected_kept, len(lengths) - expected_kept)
 
     config = OmegaConf.create(
-        {"max_prompt_length": limit, "filter_overlong_prompts": True, "filter_overlong_prompts_workers": 1,
+        {"max_prompt_length": limit, "filter_overlong_prompts": True, "filter_overlong_prompts_workers": None,
          "cache_dir": str(tmp_path / "verl_cache")}
     )
     verl_full = RLHFDataset(str(full.files["train"]), tokenizer, config)

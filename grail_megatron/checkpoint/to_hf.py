@@ -1,0 +1,300 @@
+"""Megatron dist checkpoint (verl layout, any TP/PP) -> Hugging Face folder, streaming, on CPU.
+
+One process, no model is built: the checkpoint's tensor metadata gives every stored tensor's
+global shape, the bridge's own name/tensor mapping (run on meta tensors) turns that into the
+list of HF tensors, the safetensors shards are planned and their headers written, and then
+the checkpoint is read one transformer layer at a time, mapped to HF tensors and written at
+their offsets. Peak memory: one layer (or the embedding) plus a fixed overhead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .dist_reader import LAYER_PREFIX, DistCheckpointReader
+from .errors import CheckpointError, UnsupportedModelError
+from .fsutil import fsync_tree, replace_dir
+from .layout import ActorPaths, resolve_actor_dir
+from .safetensors_stream import DEFAULT_MAX_SHARD_BYTES, StreamingSafetensorsWriter, TensorSpec
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+VOCAB_PADDED_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+# files of an HF folder that are weights or config (everything else there is tokenizer/processor)
+_NOT_TOKENIZER = re.compile(r"(\.safetensors|\.bin|\.pt|\.index\.json|^config\.json|^generation_config\.json)$")
+
+
+@dataclass
+class ConversionReport:
+    out_dir: Path
+    num_tensors: int
+    total_bytes: int
+    shards: list[str]
+    dtype: str
+    seconds: float
+    source_layout: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One stored tensor (or one layer of it) and the HF tensors it becomes."""
+
+    mcore_name: str  # e.g. decoder.layers.3.self_attention.linear_qkv.weight
+    reads: tuple[str, ...]  # checkpoint keys, concatenated on dim 0 (2 for separately stored gate/up)
+    layer: int | None
+    outputs: tuple[TensorSpec, ...]
+
+
+def check_supported(hf_config) -> None:
+    model_type = getattr(hf_config, "model_type", None)
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} (architectures {archs}) is not supported; supported: "
+            + ", ".join(f"{k} ({v})" for k, v in SUPPORTED_ARCHITECTURES.items())
+        )
+    if archs and archs != [SUPPORTED_ARCHITECTURES[model_type]]:
+        raise UnsupportedModelError(f"architectures {archs} is not supported for model_type {model_type!r}")
+
+
+def load_hf_config(actor: ActorPaths, hf_config_dir: str | os.PathLike | None):
+    from transformers import AutoConfig
+
+    source = Path(hf_config_dir) if hf_config_dir else actor.huggingface
+    if not (source / "config.json").is_file():
+        raise CheckpointError(
+            f"{source}/config.json not found: the checkpoint has no HF config to tell the architecture "
+            "(pass --hf-config DIR with the original model's config.json)"
+        )
+    try:
+        config = AutoConfig.from_pretrained(str(source))
+    except (ValueError, KeyError, OSError) as exc:
+        raise UnsupportedModelError(f"{source}/config.json: {exc}") from exc
+    check_supported(config)
+    return config, source
+
+
+def ensure_single_rank_group() -> None:
+    """dist_checkpointing and the bridge need torch.distributed + Megatron groups: one CPU rank."""
+    import torch.distributed as dist
+
+    from grail_megatron.megatron import parallel
+
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise RuntimeError("the converter runs in a single process; call it outside a multi-rank job")
+        return
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    parallel.initialize(tp=1, pp=1, seed=0)
+
+
+class _Mapper:
+    """mcore name + full tensor -> HF names + tensors, through the project's Bridge (mbridge)."""
+
+    def __init__(self, hf_config):
+        from grail_megatron.megatron.bridge import Bridge
+
+        self.vocab_size = int(hf_config.vocab_size)
+        self._mb = Bridge(hf_config)._mb  # the per-tensor mapping lives on the mbridge instance
+
+    def __call__(self, mcore_name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        if mcore_name in VOCAB_PADDED_KEYS:
+            # rows past the HF vocabulary are TP padding; trim them (mbridge's own trim assumes
+            # the padding of the current process, not of the saving job)
+            names = self._mb._weight_name_mapping_mcore_to_hf(mcore_name)
+            return [(names[0], tensor[: self.vocab_size])]
+        names, tensors = self._mb._weight_to_hf_format(mcore_name, tensor)
+        return list(zip(names, tensors))
+
+
+def _layer_sort_key(name: str):
+    match = re.search(r"\.layers\.(\d+)\.", name)
+    return (0 if name.startswith("model.embed") else 1, int(match.group(1)) if match else 1 << 30, name)
+
+
+def plan_units(reader: DistCheckpointReader, mapper: _Mapper, hf_config) -> list[_Unit]:
+    """Every stored model tensor as (layer) units with the HF tensors they produce (meta tensors)."""
+    keys = [k for k in reader.tensors if not k.startswith("optimizer.") and not k.endswith("_extra_state")]
+    grouped: dict[str, tuple[str, ...]] = {}
+    for key in keys:
+        if key.endswith(("_w", "_v")) and key[:-2].endswith("linear_fc1.weight"):
+            # saved with singleton_local_shards: gate (_w) and up (_v) under two keys
+            grouped[key[:-2]] = (key[:-2] + "_w", key[:-2] + "_v")
+        else:
+            grouped[key] = (key,)
+    num_layers = int(hf_config.num_hidden_layers)
+    units = []
+    for base, reads in sorted(grouped.items()):
+        stored = [reader.tensors[k] for k in reads]
+        shape = list(stored[0].shape)
+        shape[1 if reader.is_layered(base) else 0] = sum(s.shape[1 if reader.is_layered(base) else 0] for s in stored)
+        layers = [None]
+        if reader.is_layered(base):
+            if shape[0] != num_layers:
+                raise CheckpointError(
+                    f"{reader.directory}: {base} stores {shape[0]} layers but config.json has "
+                    f"num_hidden_layers={num_layers} (checkpoint and config do not match)"
+                )
+            layers, shape = list(range(num_layers)), shape[1:]
+        for layer in layers:
+            name = base if layer is None else f"{LAYER_PREFIX}{layer}.{base[len(LAYER_PREFIX):]}"
+            try:
+                produced = mapper(name, torch.empty(shape, dtype=stored[0].dtype, device="meta"))
+            except (NotImplementedError, AssertionError, RuntimeError) as exc:
+                raise UnsupportedModelError(f"{reader.directory}: cannot map checkpoint tensor {name}: {exc}") from exc
+            outputs = tuple(TensorSpec(n, tuple(t.shape), t.dtype) for n, t in produced)
+            units.append(_Unit(name, reads, layer, outputs))
+    return units
+
+
+def expected_hf_tensors(hf_config) -> dict[str, tuple[int, ...]]:
+    """Names and shapes `from_pretrained` will look for (built on the meta device: no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    if getattr(hf_config, "tie_word_embeddings", False):
+        expected.pop("lm_head.weight", None)
+    return expected
+
+
+def check_against_config(units: list[_Unit], hf_config, source: Path) -> list[TensorSpec]:
+    specs: dict[str, TensorSpec] = {}
+    for unit in units:
+        for spec in unit.outputs:
+            if spec.name in specs:
+                raise CheckpointError(f"{source}: two checkpoint tensors map to {spec.name} (tied/untied mismatch?)")
+            specs[spec.name] = spec
+    expected = expected_hf_tensors(hf_config)
+    missing = sorted(set(expected) - set(specs))
+    extra = sorted(set(specs) - set(expected))
+    wrong = sorted(n for n in set(specs) & set(expected) if specs[n].shape != expected[n])
+    if missing or extra or wrong:
+        details = []
+        if missing:
+            details.append(f"missing {missing[:4]}")
+        if extra:
+            details.append(f"unexpected {extra[:4]}")
+        if wrong:
+            details += [f"{n}: checkpoint {specs[n].shape} vs config {expected[n]}" for n in wrong[:4]]
+        raise CheckpointError(
+            f"{source}: checkpoint does not match config.json "
+            f"(tie_word_embeddings={getattr(hf_config, 'tie_word_embeddings', None)}): " + "; ".join(details)
+        )
+    return sorted(specs.values(), key=lambda s: _layer_sort_key(s.name))
+
+
+def _write_config_and_tokenizer(hf_config, source: Path, tmp: Path, dtype: torch.dtype) -> None:
+    from transformers import GenerationConfig
+
+    hf_config.dtype = dtype  # saved as "dtype": "bfloat16" etc.
+    hf_config.architectures = [SUPPORTED_ARCHITECTURES[hf_config.model_type]]
+    hf_config.save_pretrained(str(tmp))
+    if (source / "generation_config.json").is_file():
+        shutil.copy2(source / "generation_config.json", tmp / "generation_config.json")
+    else:
+        GenerationConfig.from_model_config(hf_config).save_pretrained(str(tmp))
+    for entry in source.iterdir():
+        if entry.is_file() and not _NOT_TOKENIZER.search(entry.name):
+            shutil.copy2(entry, tmp / entry.name)
+
+
+def _source_layout(actor_dir: Path) -> dict:
+    state = actor_dir.parent / "trainer_state.json"
+    if state.is_file():
+        return json.loads(state.read_text()).get("layout", {})
+    return {}
+
+
+def convert_to_hf(
+    ckpt: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    hf_config_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ConversionReport:
+    """Write an HF folder for the model in `ckpt` (`.../global_step_N/actor` or `.../global_step_N`)."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    actor = ActorPaths.detect(resolve_actor_dir(ckpt))
+    if not actor.actor.is_dir():
+        raise CheckpointError(f"{ckpt}: checkpoint directory does not exist")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out_dir} exists and is not empty (pass --overwrite to replace it)")
+    hf_config, source = load_hf_config(actor, hf_config_dir)
+    ensure_single_rank_group()
+    reader = DistCheckpointReader(actor.model_dist)
+    mapper = _Mapper(hf_config)
+    units = plan_units(reader, mapper, hf_config)
+    specs = check_against_config(units, hf_config, actor.model_dist)
+    dtype = specs[0].dtype
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.incomplete-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    writer = None
+    try:
+        writer = StreamingSafetensorsWriter(tmp, specs, max_shard_bytes)
+        by_layer: dict[int | None, list[_Unit]] = {}
+        for unit in units:
+            by_layer.setdefault(unit.layer, []).append(unit)
+        order = [None] + sorted(k for k in by_layer if k is not None)
+        bar = tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="to-hf", disable=not progress)
+        for layer in order:
+            for unit_batch in _batches(by_layer.get(layer, []), layer):
+                pieces = reader.read([(key, unit.layer) for unit in unit_batch for key in unit.reads])
+                for unit in unit_batch:
+                    parts = [pieces.pop((key, unit.layer)) for key in unit.reads]
+                    full = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+                    for name, tensor in mapper(unit.mcore_name, full):
+                        writer.write(name, tensor)
+                        bar.update(tensor.numel() * tensor.element_size())
+                del pieces
+        bar.close()
+        index = writer.close()
+        writer = None
+        _write_config_and_tokenizer(hf_config, source, tmp, dtype)
+        fsync_tree(tmp)
+        if out_dir.exists():
+            replace_dir(tmp, out_dir)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shards = sorted(set(index["weight_map"].values()))
+    return ConversionReport(out_dir, len(specs), index["metadata"]["total_size"], shards,
+                            str(dtype).removeprefix("torch."), time.perf_counter() - started,
+                            _source_layout(actor.actor))
+
+
+def _batches(units: list[_Unit], layer: int | None):
+    """A transformer layer is read in one pass; the big non-layer tensors one by one."""
+    if layer is None:
+        return [[u] for u in units]
+    return [units] if units else []

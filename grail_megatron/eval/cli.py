@@ -1,0 +1,111 @@
+"""`grail-megatron eval`: GRAIL's pass@k metrics of an HF model on a held-out split."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from grail_megatron.eval.generation import SamplingSettings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = SamplingSettings()
+    p = argparse.ArgumentParser(
+        prog="grail-megatron eval",
+        description="Sample completions, score them with GRAIL's rewards, report pass@k / mean@k / best@k.",
+    )
+    p.add_argument("--model", required=True, type=Path, help="Hugging Face model folder (config + weights + tokenizer)")
+    p.add_argument("--dataset", required=True, choices=("gsm8k", "math", "mbpp"))
+    p.add_argument("--split", default="val", help="val (default) or test")
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--data", type=Path, default=None, help="folder written by `grail-megatron prepare-data`")
+    data.add_argument("--source", default="hf", help="no --data: prepare from hf (default), fixtures or a folder")
+    p.add_argument("--samples", type=int, default=5, help="completions per task (default 5)")
+    p.add_argument("--k", default="1,5", help="comma-separated k values (default 1,5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="only the first N tasks")
+    p.add_argument("--out", type=Path, required=True, help="output folder (samples.jsonl, summary.json)")
+    p.add_argument("--overwrite", action="store_true", help="discard samples of an earlier run in --out")
+    p.add_argument("--backend", choices=("auto", "hf", "vllm"), default="auto",
+                   help="auto: vLLM when a GPU is present, else HF generate")
+    p.add_argument("--temperature", type=float, default=None, help=f"default {defaults.temperature} (GRAIL)")
+    p.add_argument("--top-p", type=float, default=None, help=f"default {defaults.top_p}")
+    p.add_argument("--top-k", type=int, default=None, help=f"default {defaults.top_k}")
+    p.add_argument("--max-new-tokens", type=int, default=None, help=f"default {defaults.max_new_tokens}")
+    p.add_argument("--from-config", nargs="*", metavar="OVERRIDE", default=None,
+                   help="take sampling settings from the composed training config (grpo_grail + Hydra overrides)")
+    p.add_argument("--wandb-project", default=None, help="also log the metrics to this W&B project")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _ks(text: str, parser: argparse.ArgumentParser) -> tuple[int, ...]:
+    try:
+        ks = tuple(sorted({int(k) for k in text.split(",") if k.strip()}))
+    except ValueError:
+        parser.error(f"--k must be comma-separated integers, got {text!r}")
+    if not ks:
+        parser.error("--k needs at least one value")
+    return ks
+
+
+def _sampling(args: argparse.Namespace) -> SamplingSettings:
+    base = SamplingSettings()
+    if args.from_config is not None:
+        from grail_megatron.config import compose
+
+        base = SamplingSettings.from_config(compose(args.from_config))
+    return SamplingSettings(
+        temperature=base.temperature if args.temperature is None else args.temperature,
+        top_p=base.top_p if args.top_p is None else args.top_p,
+        top_k=base.top_k if args.top_k is None else args.top_k,
+        max_new_tokens=base.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from grail_megatron.eval.runner import EvalError, EvalJob, run
+
+    job = EvalJob(
+        model_dir=args.model, dataset=args.dataset, out_dir=args.out, split=args.split, data_dir=args.data,
+        source=args.source, samples=args.samples, ks=_ks(args.k, parser), seed=args.seed, limit=args.limit,
+        backend=args.backend, sampling=_sampling(args), overwrite=args.overwrite, progress=not args.no_progress,
+    )
+    try:
+        outcome = run(job)
+    except EvalError as exc:
+        print(f"eval: error: {exc}", file=sys.stderr)
+        return 1
+    print_table(job, outcome)
+    if args.wandb_project:
+        log_to_wandb(args.wandb_project, job, outcome.metrics)
+    return 0
+
+
+def print_table(job, outcome) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{job.dataset}/{job.split}",
+                  caption=f"{outcome.tasks_total} tasks x {job.samples} samples, "
+                          f"{outcome.tasks_generated} tasks generated in this run")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in outcome.metrics.items():
+        table.add_row(name, f"{value:.0f}" if name in ("tasks", "replicates") else f"{value:.4f}")
+    console = Console()
+    console.print(table)
+    console.print(f"summary: {outcome.summary_path}\nsamples: {outcome.samples_path}")
+
+
+def log_to_wandb(project: str, job, metrics: dict[str, float]) -> None:
+    import wandb
+
+    run = wandb.init(project=project, name=f"eval-{job.model_dir.name}-{job.dataset}-{job.split}",
+                     config={"model": str(job.model_dir), "dataset": job.dataset, "split": job.split,
+                             "samples": job.samples, "seed": job.seed}, reinit=True)
+    run.log({f"eval/{job.dataset}/{name}": value for name, value in metrics.items()})
+    run.finish()

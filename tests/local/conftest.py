@@ -1,0 +1,14 @@
+"""Shared fixtures of the local-loop tests: a tiny sums model and data (built once per session)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def sums_run(tmp_path_factory):
+    """Tokenizer + random-init tiny Qwen2 + short warm start + sums parquet files."""
+    from grail_megatron.local.recipes import prepare_sums_run
+    from grail_megatron.local.warm_start import WarmStartSettings
+
+    return prepare_sums_run(tmp_path_factory.mktemp("sums"), warm=WarmStartSettings(steps=100))

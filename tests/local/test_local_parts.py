@@ -1,0 +1,250 @@
+"""The local loop's single-process parts: config reading, data, rollout, rewards, metrics, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from grail_megatron.local import scoring, sums
+from grail_megatron.local.dataset import DataError, PromptSampler, load_prompts
+from grail_megatron.local.metrics import MetricLogger, batch_metrics, reward_component_metrics, to_data_proto
+from grail_megatron.local.preemption import PreemptionWatcher
+from grail_megatron.local.rollout import HFRollout, mask_after_eos
+from grail_megatron.local.settings import ConfigError, LocalSettings, SamplingSettings
+
+
+def _minimal_config(**changes) -> dict:
+    cfg = {
+        "algorithm": {"adv_estimator": "grpo", "norm_adv_by_std_in_grpo": True},
+        "data": {"train_files": ["~/d/train.parquet"], "val_files": None, "train_batch_size": 4,
+                 "max_prompt_length": 32},
+        "actor_rollout_ref": {
+            "model": {"path": "/m"},
+            "rollout": {"n": 2, "temperature": 0.7, "top_p": 0.95, "top_k": 50, "response_length": 16},
+            "actor": {"optim": {"lr": 1e-3}, "loss_agg_mode": "token-mean", "use_kl_loss": False,
+                      "clip_ratio_low": 0.2, "clip_ratio_high": 0.28, "ppo_mini_batch_size": 4,
+                      "megatron": {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2}},
+        },
+        "trainer": {"total_training_steps": 3, "default_local_dir": "/ck", "logger": ["console"]},
+    }
+    for dotted, value in changes.items():
+        node = cfg
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return cfg
+
+
+def test_settings_read_verl_keys():
+    s = LocalSettings.from_config(OmegaConf.create(_minimal_config()))
+    assert s.data.train_files == (os.path.expanduser("~/d/train.parquet"),)
+    assert (s.sampling.n, s.sampling.top_k, s.sampling.response_length) == (2, 50, 16)
+    assert (s.actor.clip_ratio_low, s.actor.clip_ratio_high) == (0.2, 0.28)
+    assert s.world_size == 4
+    assert s.validation.n == 1 and s.validation.do_sample is False  # verl's val_kwargs defaults
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"algorithm__adv_estimator": "gae"}, "'algorithm.adv_estimator' = 'gae'"),
+        ({"trainer__total_training_steps": None}, "'trainer.total_training_steps' must be set"),
+        ({"data__train_batch_size": 0}, "'data.train_batch_size' must be > 0"),
+        ({"actor_rollout_ref__actor__loss_agg_mode": "sum"}, "loss_agg_mode' = 'sum'"),
+    ],
+)
+def test_settings_errors_name_the_key(change, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        LocalSettings.from_config(OmegaConf.create(_minimal_config(**change)))
+
+
+def test_missing_key_is_named():
+    cfg = _minimal_config()
+    del cfg["actor_rollout_ref"]["rollout"]["top_p"]
+    with pytest.raises(ConfigError, match=r"'actor_rollout_ref\.rollout\.top_p' is missing"):
+        LocalSettings.from_config(OmegaConf.create(cfg))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_prompts_are_chat_templated(sums_run):
+    tok = HFRollout(str(sums_run.model_dir), SamplingSettings(1, 1.0, 1.0, -1, 4)).tokenizer
+    records = load_prompts((str(sums_run.train_file),), tok, max_prompt_length=32)
+    assert len(records) == 512
+    first = records[0]
+    assert first.data_source == "grail_gsm8k"
+    assert first.ground_truth.startswith("#### ")
+    text = tok.decode(first.prompt_ids)
+    assert text.startswith("<|im_start|>user\nWhat is ") and text.endswith("<|im_start|>assistant\n")
+
+
+def test_bad_prompt_files_are_named(tmp_path, sums_run):
+    import pandas as pd
+
+    tok = HFRollout(str(sums_run.model_dir), SamplingSettings(1, 1.0, 1.0, -1, 4)).tokenizer
+    with pytest.raises(DataError, match=f"{tmp_path}/none.parquet does not exist"):
+        load_prompts((str(tmp_path / "none.parquet"),), tok, 32)
+    pd.DataFrame({"prompt": [[{"role": "user", "content": "x"}]]}).to_parquet(tmp_path / "nocol.parquet")
+    with pytest.raises(DataError, match=r"nocol.parquet lacks column\(s\) \['data_source', 'reward_model'\]"):
+        load_prompts((str(tmp_path / "nocol.parquet"),), tok, 32)
+    long = [sums.row(1, 2, "train", 0), sums.row(1, 2, "train", 1)]
+    long[1]["prompt"] = [{"role": "user", "content": "What is 1 + 2? " * 20}]
+    sums.write_parquet(long, tmp_path / "long.parquet")
+    with pytest.raises(DataError, match=r"long.parquet row 1: prompt has \d+ tokens > data.max_prompt_length=32"):
+        load_prompts((str(tmp_path / "long.parquet"),), tok, 32)
+
+
+def test_sampler_is_a_function_of_seed_and_step():
+    sampler = PromptSampler(num_records=10, batch_size=4, seed=3)
+    epoch0 = sampler.indices(1) + sampler.indices(2)
+    assert len(set(epoch0)) == 8  # no repeats inside an epoch (drop_last: 2 batches of 4)
+    assert PromptSampler(10, 4, seed=3).indices(2) == sampler.indices(2)
+    assert sampler.indices(3) != sampler.indices(1)  # next epoch reshuffles
+    with pytest.raises(DataError, match="train_batch_size=11 exceeds the 10"):
+        PromptSampler(10, 11, seed=0)
+
+
+# ----------------------------------------------------------------------------- rollout
+
+
+def test_mask_after_eos_keeps_the_eos_token():
+    responses = torch.tensor([[5, 6, 2, 7, 2], [5, 5, 5, 5, 5], [2, 3, 3, 3, 3]])
+    assert mask_after_eos(responses, {2}).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+
+
+@pytest.fixture(scope="module")
+def rollout(sums_run):
+    return HFRollout(str(sums_run.model_dir), SamplingSettings(n=4, temperature=1.0, top_p=1.0, top_k=-1,
+                                                             response_length=20))
+
+
+def _sums_prompt_ids(rollout, pairs):
+    out = []
+    for a, b in pairs:
+        ids = rollout.tokenizer.apply_chat_template(sums.messages(a, b), add_generation_prompt=True, tokenize=True)
+        out.append(list(ids["input_ids"]))
+    return out
+
+
+def test_rollout_is_seeded_and_its_log_probs_match_a_full_forward(rollout):
+    prompts = _sums_prompt_ids(rollout, [(1, 2), (7, 8), (0, 0)])
+    a = rollout.generate(prompts, seed=11)
+    b = rollout.generate(prompts, seed=11)
+    assert torch.equal(a.responses, b.responses)
+    assert a.responses.shape == (12, 20) and a.prompts.shape[0] == 12
+    # verl's layout: pads after EOS, EOS included in the mask
+    assert torch.all(a.responses[a.response_mask == 0] == rollout.pad_id)
+    with torch.no_grad():
+        logits = rollout.model(input_ids=a.input_ids, attention_mask=a.attention_mask,
+                               position_ids=a.position_ids).logits
+    width = a.prompts.shape[1]
+    full = torch.log_softmax(logits[:, width - 1:-1].float(), -1).gather(-1, a.responses.unsqueeze(-1)).squeeze(-1)
+    diff = ((full - a.rollout_log_probs) * a.response_mask).abs().max().item()
+    assert diff < 1e-4
+
+
+def test_rollout_load_weights_checks_names_and_shapes(rollout):
+    state = {k: v.clone() for k, v in rollout.model.state_dict().items()}
+    name = "model.norm.weight"
+    assert rollout.load_weights([(name, torch.full_like(state[name], 0.5))]) == 1
+    assert torch.all(rollout.model.get_parameter(name) == 0.5)
+    rollout.load_weights([(name, state[name])])
+    with pytest.raises(KeyError, match="no parameter 'model.bogus'"):
+        rollout.load_weights([("model.bogus", torch.zeros(1))])
+    with pytest.raises(ValueError, match="bridge shape"):
+        rollout.load_weights([(name, torch.zeros(3))])
+
+
+# ----------------------------------------------------------------------------- rewards, advantages
+
+
+def test_real_gsm8k_reward_on_sums():
+    texts = [sums.completion(3, 4), sums.completion(3, 4).replace("<SOLUTION>7", "<SOLUTION>8"), "seven"]
+    scored = scoring.score(texts, ["grail_gsm8k"] * 3, ["#### 7"] * 3, [{}] * 3)
+    assert scored.scores.tolist() == pytest.approx([1.0, 0.4, 0.0])
+    assert scored.components["correct"] == [1.0, 0.0, 0.0]
+    metrics = reward_component_metrics(scored.components)
+    assert metrics["reward/correct/mean"] == pytest.approx(1 / 3)
+    assert metrics["reward/format/mean"] == pytest.approx((2 / 3 + 2 / 3 + 2 / 3 + 2 / 3) / 4)
+
+
+def test_grpo_advantages_are_verls():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 1]])
+    rewards = scoring.token_level_rewards(torch.tensor([1.0, 0.0, 0.5, 0.5]), mask)
+    assert rewards.tolist() == [[0, 1, 0], [0, 0, 0], [0, 0, 0.5], [0, 0, 0.5]]
+    adv = scoring.grpo_advantages(rewards, mask, np.array([0, 0, 1, 1]))
+    std = torch.tensor([1.0, 0.0]).std().item()
+    assert adv[0, 0].item() == pytest.approx(0.5 / (std + 1e-6))
+    assert adv[1, 0].item() == pytest.approx(-0.5 / (std + 1e-6))
+    assert adv[2].abs().max().item() == 0.0  # no spread in group 1
+    assert adv[0, 2].item() == 0.0  # masked
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _toy_batch():
+    prompts = torch.tensor([[0, 5, 6], [7, 8, 9]])
+    responses = torch.tensor([[3, 2, 0], [4, 4, 2]])
+    response_mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    scores = torch.tensor([1.0, 0.0])
+    rewards = scoring.token_level_rewards(scores, response_mask)
+    adv = scoring.grpo_advantages(rewards, response_mask, np.array([0, 0]))
+    lp = torch.tensor([[-0.5, -1.0, 0.0], [-0.1, -0.2, -0.3]])
+    return {
+        "prompts": prompts, "responses": responses, "response_mask": response_mask,
+        "attention_mask": torch.cat([torch.tensor([[0, 1, 1], [1, 1, 1]]), response_mask], 1),
+        "token_level_scores": rewards, "token_level_rewards": rewards, "advantages": adv, "returns": adv,
+        "rollout_log_probs": lp, "old_log_probs": lp + 0.01 * response_mask,
+    }
+
+
+def test_batch_metrics_use_verl_names_and_values():
+    batch = _toy_batch()
+    proto = to_data_proto(batch, batch["attention_mask"].sum(-1).tolist())
+    metrics = batch_metrics(proto, {"step": 2.0, "gen": 1.0}, n_ranks=2)
+    assert metrics["critic/score/mean"] == pytest.approx(0.5)
+    assert metrics["response_length/mean"] == pytest.approx(2.5)
+    assert metrics["prompt_length/mean"] == pytest.approx(2.5)
+    assert metrics["timing_s/step"] == 2.0
+    assert metrics["perf/throughput"] == pytest.approx((4 + 6) / (2.0 * 2))
+    assert metrics["training/rollout_probs_diff_valid"] == 1
+    assert 0 < metrics["training/rollout_probs_diff_max"] < 0.01
+
+
+def test_metric_logger_writes_tensorboard(tmp_path, monkeypatch, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("TENSORBOARD_DIR", str(tmp_path / "tb"))
+    logger = MetricLogger("p", "e", ("console", "tensorboard"), str(tmp_path))
+    logger.log({"training/global_step": 1, "critic/score/mean": 0.25, "actor/pg_loss": -0.5}, step=1)
+    logger.log({"training/global_step": 2, "critic/score/mean": 0.75, "actor/pg_loss": 0.5}, step=2)
+    logger.finish()
+    out = capsys.readouterr().out
+    assert "reward" in out and "0.250" in out and "0.750" in out
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("critic/score/mean")] == [(1, 0.25), (2, 0.75)]
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+def test_preemption_signal_and_stop_file(tmp_path):
+    watcher = PreemptionWatcher(str(tmp_path / "stop"))
+    try:
+        assert not watcher.should_stop()
+        (tmp_path / "stop").touch()
+        assert watcher.should_stop()
+        (tmp_path / "stop").unlink()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert watcher.signalled == signal.SIGUSR1 and watcher.should_stop()
+    finally:
+        watcher.restore()

@@ -1,0 +1,91 @@
+"""MATH correctness stays exact where sympy finishes and bounded where it would not."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from grail_megatron.rewards import compute_score
+from grail_megatron.rewards.math_answer import answers_equal
+from grail_megatron.rewards.sympy_worker import SympyChecker, _sympy_equal
+
+BUDGET = 0.5
+
+
+@pytest.fixture(scope="module")
+def checker():
+    checker = SympyChecker(budget=BUDGET)
+    checker.warmup()
+    yield checker
+    checker.close()
+
+
+def _timed(fn, *args, **kwargs):
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
+@pytest.mark.parametrize(
+    "pred",
+    [
+        "10**10**10",
+        "factorial(10**9)",
+        "9**9**9**9",
+        "(" * 150 + "x+1" + ")" * 150 + "**10**10",
+    ],
+)
+def test_hanging_sympy_inputs_time_out_within_the_bound(checker, pred):
+    (correct, strategy, timed_out, _), elapsed = _timed(answers_equal, pred, "1", checker=checker)
+    assert (correct, strategy, timed_out) == (False, "none", True)
+    assert elapsed < 1.0
+    # The worker was replaced by the warm spare: the next check is fast and right.
+    (correct, strategy, timed_out, _), elapsed = _timed(answers_equal, "0.75", "3/4", checker=checker)
+    assert (correct, strategy, timed_out) == (True, "symbolic", False)
+    assert elapsed < 0.5
+
+
+def test_deeply_nested_input_is_bounded_and_wrong(checker):
+    pred = "-" * 100_000 + "1"
+    (correct, _, _, _), elapsed = _timed(answers_equal, pred, "1", checker=checker)
+    assert correct is False and elapsed < 1.0
+
+
+def test_timeouts_are_cached_so_a_repeat_costs_nothing(checker):
+    answers_equal("10**10**11", "2", checker=checker)
+    kills = checker.timeouts
+    (_, _, timed_out, _), elapsed = _timed(answers_equal, "10**10**11", "2", checker=checker)
+    assert timed_out is True and elapsed < 0.01 and checker.timeouts == kills
+
+
+def test_completion_level_result_reports_timeout():
+    text = "<start_working_out>w</end_working_out><SOLUTION>10**10**10</SOLUTION>"
+    result, elapsed = _timed(compute_score, "grail_math", text, "1")
+    assert elapsed < 1.0 + 5.0  # first use may include the worker's start (measured below)
+    assert result["timed_out"] is True and result["correct"] is False
+    assert result["score"] == 0.0 + 0.15 + 0.1 + 0.05
+    result, elapsed = _timed(compute_score, "grail_math", text.replace("10**10**10", "10**10**12"), "1")
+    assert result["timed_out"] is True and elapsed < 1.0
+
+
+def test_a_completion_cannot_tamper_with_later_checks(checker):
+    # Against a naive persistent sympy process this makes every later answer "correct".
+    attack = "__import__('sympy').__setattr__('simplify',__import__('sympy').sympify(0).__mul__)"
+    answers_equal(attack, "1", checker=checker)
+    assert answers_equal("1", "2", checker=checker)[0] is False
+    assert answers_equal("x+1", "x+2", checker=checker)[0] is False
+
+
+def test_backslash_answers_never_parse_so_skipping_sympy_is_exact():
+    # math_answer skips the worker for LaTeX (a backslash outside quotes): parse_expr
+    # raises on all of them, so the reference's sympy strategy is always False there.
+    for text in [r"\frac{1}{2}", r"2\sqrt{3}", r"\pi", r"(-\infty,3]", r"\text{(c)}", r"x\\", r"5^\circ"]:
+        assert _sympy_equal(text, text) is False
+
+
+def test_math_verify_is_an_opt_in_departure():
+    text = "<start_working_out>w</end_working_out><SOLUTION>0.5</SOLUTION>"
+    parity = compute_score("grail_math", text, r"\frac{1}{2}")
+    departure = compute_score("grail_math", text, r"\frac{1}{2}", math_verify=True)
+    assert (parity["correct"], parity["strategy"], parity["score"]) == (False, "none", 0.3)
+    assert (departure["correct"], departure["strategy"], departure["score"]) == (True, "math_verify", 1.0)

@@ -1,0 +1,157 @@
+"""scripts/slurm/ on a real SLURM (two emulated nodes) with a real Ray cluster.
+
+Two jobs run concurrently on the 2 x 2 CPUs of the test cluster, submitted once per session:
+- `preempt`: 2 nodes x 1 CPU, Ray across both, a CPU payload that checkpoints every step.
+  A watcher sends `scancel --batch --signal=USR1` as soon as a checkpoint exists; the job must
+  checkpoint, requeue itself and resume with the next step.
+- `failing`: 1 node x 1 CPU, no Ray, a payload that exits 3 at once: the job must end FAILED
+  with exit code 3 and the log must name the log path.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from slurm_testlib import PYTHON, REPO, SubmittedJob, job_info, read_text, submit, wait_finished, wait_for
+
+pytestmark = [pytest.mark.slurm, pytest.mark.ray]
+
+TOY = REPO / "tests" / "slurm" / "slurm_toy_payload.py"
+TOTAL_STEPS = 8
+JOB_TIMEOUT_S = 200
+
+
+@dataclass
+class PreemptionRun:
+    job: SubmittedJob
+    ckpt_dir: Path
+    ray_json: Path
+    signalled_at_step: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def checkpoint_step(self) -> int:
+        text = read_text(self.ckpt_dir / "step").strip()
+        return int(text) if text else 0
+
+
+def _preempt_when_checkpointed(cluster, run: PreemptionRun) -> None:
+    """Send the preemption signal to the batch shell once the payload has saved a checkpoint."""
+    try:
+        step = wait_for(run.checkpoint_step, JOB_TIMEOUT_S, "the first checkpoint")
+        res = cluster.run("scancel", "--batch", "--signal=USR1", run.job.job_id, check=False)
+        if res.returncode != 0:
+            run.errors.append(f"scancel failed: {res.stderr}")
+        run.signalled_at_step.append(step)
+    except Exception as exc:  # reported by the test that needs it
+        run.errors.append(repr(exc))
+
+
+@pytest.fixture(scope="module")
+def jobs(slurm_cluster, base_env, tmp_path_factory):
+    work = tmp_path_factory.mktemp("jobs")
+    ckpt = work / "ckpt"
+    ray_json = work / "ray.json"
+    preempt_job = submit(
+        slurm_cluster,
+        ["--nodes", "2", "--gpus-per-node", "0", "--cpus-per-node", "1", "--job-name", "preempt",
+         "--log-dir", str(work / "logs"), "--ray-wait", "150",
+         "--command", f"{PYTHON} {TOY} {ckpt} --step-seconds 1.5", "--", "--steps", str(TOTAL_STEPS)],
+        env={**base_env, "GM_RAY_JSON": str(ray_json)}, cwd=work,
+    )
+    failing_job = submit(
+        slurm_cluster,
+        ["--nodes", "1", "--gpus-per-node", "0", "--cpus-per-node", "1", "--job-name", "failing",
+         "--log-dir", str(work / "logs"), "--no-ray", "--command", f"{PYTHON} {TOY} {work / 'unused'} --fail",
+         "--", "--steps", "1"],
+        env=base_env, cwd=work,
+    )
+    run = PreemptionRun(preempt_job, ckpt, ray_json)
+    watcher = threading.Thread(target=_preempt_when_checkpointed, args=(slurm_cluster, run), daemon=True)
+    watcher.start()
+    yield {"preempt": run, "failing": failing_job, "watcher": watcher}
+    watcher.join(timeout=1)
+
+
+def test_submit_prints_job_id_and_log_path(jobs):
+    job = jobs["preempt"].job
+    assert job.log.name == f"preempt-{job.job_id}.log"
+    assert job.log.parent.name == "logs"
+
+
+def test_ray_cluster_spans_both_nodes_and_runs_a_task_on_each(jobs, slurm_cluster):
+    run: PreemptionRun = jobs["preempt"]
+    wait_for(lambda: run.ray_json.exists(), JOB_TIMEOUT_S, "the Ray cluster report")
+    report = json.loads(run.ray_json.read_text())
+    assert sorted(report["nodes"]) == ["n1", "n2"]
+    node_ids = {name: state["node_id"] for name, state in report["nodes"].items()}
+    assert len(set(node_ids.values())) == 2, node_ids
+    for name in ("n1", "n2"):
+        probe = report["probe"][name]
+        # The task pinned to each node ran in that Ray node, under that SLURM node's slurmd.
+        assert probe["node_id"] == node_ids[name]
+        assert probe["slurm_node"] == name
+        assert report["nodes"][name]["cpus"] == 1.0
+    log = read_text(run.job.log)
+    assert "[ray] cluster ready after" in log and "2 nodes (n1: 1 CPU 0 GPU, n2: 1 CPU 0 GPU)" in log
+
+
+def test_failing_payload_fails_the_job_with_the_log_path(jobs, slurm_cluster):
+    job: SubmittedJob = jobs["failing"]
+    info = wait_finished(slurm_cluster, job.job_id, JOB_TIMEOUT_S)
+    assert info["JobState"] == "FAILED"
+    assert info["ExitCode"] == "3:0"
+    assert info["Restarts"] == "0"
+    log = read_text(job.log)
+    assert "toy payload: failing on purpose" in log
+    assert f"ERROR: payload failed with exit code 3; log: {job.log}" in log
+
+
+def test_preemption_checkpoints_requeues_and_resumes(jobs, slurm_cluster):
+    run: PreemptionRun = jobs["preempt"]
+    info = wait_finished(slurm_cluster, run.job.job_id, JOB_TIMEOUT_S)
+    jobs["watcher"].join(timeout=5)
+    log = read_text(run.job.log)
+    assert not run.errors, run.errors
+    assert info["JobState"] == "COMPLETED", log
+    assert info["ExitCode"] == "0:0"
+    assert info["Restarts"] == "1", log
+
+    first, second = log.split("job {} run 1:".format(run.job.job_id))
+    assert "preemption signal (USR1)" in first
+    assert "payload checkpointed (exit 75): requeueing job" in first
+    stopped_at = int(re.search(r"checkpoint at step (\d+), exit 75", first).group(1))
+    assert stopped_at >= run.signalled_at_step[0]
+    # Step numbers continue: run 0 did 1..k, run 1 resumed after k and did k+1..N, nothing twice.
+    steps_first = [int(s) for s in re.findall(r"^step (\d+)$", first, re.M)]
+    steps_second = [int(s) for s in re.findall(r"^step (\d+)$", second, re.M)]
+    assert steps_first == list(range(1, stopped_at + 1))
+    assert f"resuming after step {stopped_at}" in second
+    assert steps_second == list(range(stopped_at + 1, TOTAL_STEPS + 1))
+    assert stopped_at < TOTAL_STEPS, "the signal came too late to test a resume"
+    assert run.checkpoint_step() == TOTAL_STEPS
+    assert "payload finished; job done" in second
+
+
+def test_nothing_is_left_running(jobs, slurm_cluster, job_tmp_base):
+    for job in (jobs["preempt"].job, jobs["failing"]):
+        wait_finished(slurm_cluster, job.job_id, JOB_TIMEOUT_S)
+    # Ray nodes, payloads and srun steps are gone once the jobs are; allow slurmstepd a moment.
+    leftovers = wait_for_no_processes(slurm_cluster, timeout_s=20)
+    assert leftovers == [], leftovers
+    assert slurm_cluster.run("squeue", "-h").stdout.strip() == ""
+    assert sorted(p.name for p in job_tmp_base.iterdir()) == [], "per-job temp dirs were not removed"
+
+
+def wait_for_no_processes(cluster, timeout_s: float) -> list[tuple[int, str]]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        procs = cluster.job_processes()
+        if not procs or time.monotonic() > deadline:
+            return procs
+        time.sleep(0.5)

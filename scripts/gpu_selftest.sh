@@ -42,7 +42,11 @@ case "${1:-}" in
   *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
 esac
 
-WORK="${GRAIL_SELFTEST_DIR:-$(mktemp -d -t grail-selftest.XXXXXX)}"
+if [ "${MODE}" = print ]; then
+  WORK="${GRAIL_SELFTEST_DIR:-/tmp/grail-selftest}"  # only printed, nothing is created
+else
+  WORK="${GRAIL_SELFTEST_DIR:-$(mktemp -d -t grail-selftest.XXXXXX)}"
+fi
 MODEL="${WORK}/tiny_model"
 DATA="${WORK}/data/gsm8k"
 CKPT="${WORK}/checkpoints"

@@ -201,9 +201,26 @@ def _load_strategy():
     )
 
 
+def _in_process_results_queue() -> None:
+    """Synchronous saves report write results through a queue in this same process.
+
+    megatron-core creates it as `multiprocessing.Manager().Queue()` (needed only for its async
+    saves, which write from another process): that starts a server process which then imports
+    torch to unpickle the first result, 4-10 s per rank and process on CPU. All our saves are
+    synchronous, so a plain in-process queue carries the same results.
+    """
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def dist_save(state_dict: dict, directory: Path) -> None:
     from megatron.core import dist_checkpointing
 
+    _in_process_results_queue()
     dist_checkpointing.save(
         state_dict, str(directory), sharded_strategy=_save_strategy(), content_metadata=_sharding_metadata()
     )

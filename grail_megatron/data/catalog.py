@@ -22,6 +22,9 @@ class SplitOptions:
     math_val_size: int | None = None  # None: 500 on the real data, the same 1/15 share otherwise
 
 
+_REQUIRED = object()  # default of Item.value: the field must be present
+
+
 @dataclass(frozen=True)
 class Item:
     """One raw row scheduled for an output split; `index` is its position in that split."""
@@ -30,12 +33,12 @@ class Item:
     row: int  # index into raw.rows
     index: int
 
-    def value(self, name: str, kind: type | tuple[type, ...], default: Any = DataError) -> Any:
+    def value(self, name: str, kind: type | tuple[type, ...], default: Any = _REQUIRED) -> Any:
         """The row's field `name`, checked against `kind`; a missing or mistyped field is fatal."""
         record = self.raw.rows[self.row]
         path, number = self.raw.where(self.row)
         if name not in record or record[name] is None:
-            if default is not DataError:
+            if default is not _REQUIRED:
                 return default
             raise DataError(path, "missing required field", row=number, field=name)
         value = record[name]
@@ -108,8 +111,10 @@ def _plan_math(source: Source, options: SplitOptions) -> dict[str, list[Item]]:
         chosen = math_val_indices(sizes, val_size)
     except ValueError as exc:
         raise DataError(trains[0].origin, f"cannot split MATH: {exc}") from exc
-    train_parts = [(raw, [i for i in range(len(raw.rows)) if i not in val]) for raw, val in zip(trains, chosen)]
-    val_parts = [(raw, [i for i in range(len(raw.rows)) if i in val]) for raw, val in zip(trains, chosen)]
+    train_parts = [
+        (raw, [i for i in range(len(raw.rows)) if i not in val]) for raw, val in zip(trains, chosen, strict=True)
+    ]
+    val_parts = [(raw, [i for i in range(len(raw.rows)) if i in val]) for raw, val in zip(trains, chosen, strict=True)]
     test_parts = [(raw, list(range(len(raw.rows)))) for raw in tests]
     return {"train": _concat(train_parts), "val": _concat(val_parts), "test": _concat(test_parts)}
 
@@ -154,5 +159,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "math": DatasetSpec(
         "math", "EleutherAI/hendrycks_math", "math", {"subject": "string", "level": "string"}, _plan_math, _convert_math
     ),
-    "mbpp": DatasetSpec("mbpp", "google-research-datasets/mbpp", "code", {"task_id": "int64"}, _plan_mbpp, _convert_mbpp),
+    "mbpp": DatasetSpec(
+        "mbpp", "google-research-datasets/mbpp", "code", {"task_id": "int64"}, _plan_mbpp, _convert_mbpp
+    ),
 }

@@ -25,15 +25,27 @@ def build_parser() -> argparse.ArgumentParser:
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--system-prompt", default=None, help="system message (default: GRAIL's)")
     prompt.add_argument("--system-prompt-file", type=Path, default=None, help="read the system message from a file")
-    p.add_argument("--mbpp-scheme", choices=("hf", "grail"), default="hf",
-                   help="hf: 374/90/500 (HF full train/validation/test); grail: 774/190 (test redistributed)")
-    p.add_argument("--no-mbpp-signature", action="store_true",
-                   help="MBPP prompt without the reference's `def` stub (GRAIL adds it)")
-    p.add_argument("--math-val-size", type=int, default=None,
-                   help="MATH validation size (default 500 on the real data, 1/15 of a smaller source)")
+    p.add_argument(
+        "--mbpp-scheme",
+        choices=("hf", "grail"),
+        default="hf",
+        help="hf: 374/90/500 (HF full train/validation/test); grail: 774/190 (test redistributed)",
+    )
+    p.add_argument(
+        "--no-mbpp-signature",
+        action="store_true",
+        help="MBPP prompt without the reference's `def` stub (GRAIL adds it)",
+    )
+    p.add_argument(
+        "--math-val-size",
+        type=int,
+        default=None,
+        help="MATH validation size (default 500 on the real data, 1/15 of a smaller source)",
+    )
     p.add_argument("--tokenizer", default=None, help="HF tokenizer folder for --max-prompt-length")
-    p.add_argument("--max-prompt-length", type=int, default=None,
-                   help="drop prompts longer than N tokens after the chat template")
+    p.add_argument(
+        "--max-prompt-length", type=int, default=None, help="drop prompts longer than N tokens after the chat template"
+    )
     p.add_argument("--strict", action="store_true", help="fail on unscorable rows instead of skipping them")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -88,8 +100,9 @@ def print_summary(result) -> None:
 
     table = Table(title=f"{result.dataset} from {result.source}")
     for column in ("split", "rows", "from source", "skipped", "too long", "file"):
-        table.add_column(column, justify="right" if column in ("rows", "from source", "too long") else "left",
-                         overflow="fold")
+        table.add_column(
+            column, justify="right" if column in ("rows", "from source", "too long") else "left", overflow="fold"
+        )
     for s in result.splits:
         skipped = "; ".join(f"{n} {reason}" for reason, n in sorted(s.skipped.items())) or "0"
         table.add_row(s.name, str(s.rows), str(s.candidates), skipped, str(s.too_long), str(s.path))

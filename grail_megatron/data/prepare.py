@@ -104,7 +104,13 @@ def prepare_dataset(
 
 
 def _record(
-    spec: DatasetSpec, item: Item, split: str, options: SplitOptions, system_prompt: str, report: SplitReport, strict: bool
+    spec: DatasetSpec,
+    item: Item,
+    split: str,
+    options: SplitOptions,
+    system_prompt: str,
+    report: SplitReport,
+    strict: bool,
 ) -> dict | None:
     try:
         converted: Converted = spec.convert(item, options)

@@ -84,7 +84,7 @@ class DirectorySource:
             candidates = [folder / f"{split}.jsonl", folder / f"{split}.parquet"]
             found = [p for p in candidates if p.is_file()]
             shards = sorted(folder.glob(f"{split}-*.parquet"))
-            if found and shards or len(found) > 1:
+            if (found and shards) or len(found) > 1:
                 names = ", ".join(p.name for p in found + shards)
                 raise DataError(str(folder), f"ambiguous {split!r} split: several files match ({names})")
             if found or shards:

@@ -12,7 +12,13 @@ import hashlib
 import os
 from pathlib import Path
 
-_BASE_EXTRA = (("split", "string"), ("index", "int64"), ("dataset", "string"), ("source_split", "string"), ("source_index", "int64"))
+_BASE_EXTRA = (
+    ("split", "string"),
+    ("index", "int64"),
+    ("dataset", "string"),
+    ("source_split", "string"),
+    ("source_index", "int64"),
+)
 
 
 def verl_schema(extra_fields: dict[str, str]):

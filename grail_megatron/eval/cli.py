@@ -27,14 +27,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="only the first N tasks")
     p.add_argument("--out", type=Path, required=True, help="output folder (samples.jsonl, summary.json)")
     p.add_argument("--overwrite", action="store_true", help="discard samples of an earlier run in --out")
-    p.add_argument("--backend", choices=("auto", "hf", "vllm"), default="auto",
-                   help="auto: vLLM when a GPU is present, else HF generate")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "hf", "vllm"),
+        default="auto",
+        help="auto: vLLM when a GPU is present, else HF generate",
+    )
     p.add_argument("--temperature", type=float, default=None, help=f"default {defaults.temperature} (GRAIL)")
     p.add_argument("--top-p", type=float, default=None, help=f"default {defaults.top_p}")
     p.add_argument("--top-k", type=int, default=None, help=f"default {defaults.top_k}")
     p.add_argument("--max-new-tokens", type=int, default=None, help=f"default {defaults.max_new_tokens}")
-    p.add_argument("--from-config", nargs="*", metavar="OVERRIDE", default=None,
-                   help="take sampling settings from the composed training config (grpo_grail + Hydra overrides)")
+    p.add_argument(
+        "--from-config",
+        nargs="*",
+        metavar="OVERRIDE",
+        default=None,
+        help="take sampling settings from the composed training config (grpo_grail + Hydra overrides)",
+    )
     p.add_argument("--wandb-project", default=None, help="also log the metrics to this W&B project")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -70,9 +79,20 @@ def main(argv: list[str] | None = None) -> int:
     from grail_megatron.eval.runner import EvalError, EvalJob, run
 
     job = EvalJob(
-        model_dir=args.model, dataset=args.dataset, out_dir=args.out, split=args.split, data_dir=args.data,
-        source=args.source, samples=args.samples, ks=_ks(args.k, parser), seed=args.seed, limit=args.limit,
-        backend=args.backend, sampling=_sampling(args), overwrite=args.overwrite, progress=not args.no_progress,
+        model_dir=args.model,
+        dataset=args.dataset,
+        out_dir=args.out,
+        split=args.split,
+        data_dir=args.data,
+        source=args.source,
+        samples=args.samples,
+        ks=_ks(args.k, parser),
+        seed=args.seed,
+        limit=args.limit,
+        backend=args.backend,
+        sampling=_sampling(args),
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
     )
     try:
         outcome = run(job)
@@ -89,9 +109,11 @@ def print_table(job, outcome) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{job.dataset}/{job.split}",
-                  caption=f"{outcome.tasks_total} tasks x {job.samples} samples, "
-                          f"{outcome.tasks_generated} tasks generated in this run")
+    table = Table(
+        title=f"{job.dataset}/{job.split}",
+        caption=f"{outcome.tasks_total} tasks x {job.samples} samples, "
+        f"{outcome.tasks_generated} tasks generated in this run",
+    )
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in outcome.metrics.items():
@@ -104,8 +126,17 @@ def print_table(job, outcome) -> None:
 def log_to_wandb(project: str, job, metrics: dict[str, float]) -> None:
     import wandb
 
-    run = wandb.init(project=project, name=f"eval-{job.model_dir.name}-{job.dataset}-{job.split}",
-                     config={"model": str(job.model_dir), "dataset": job.dataset, "split": job.split,
-                             "samples": job.samples, "seed": job.seed}, reinit=True)
+    run = wandb.init(
+        project=project,
+        name=f"eval-{job.model_dir.name}-{job.dataset}-{job.split}",
+        config={
+            "model": str(job.model_dir),
+            "dataset": job.dataset,
+            "split": job.split,
+            "samples": job.samples,
+            "seed": job.seed,
+        },
+        reinit=True,
+    )
     run.log({f"eval/{job.dataset}/{name}": value for name, value in metrics.items()})
     run.finish()

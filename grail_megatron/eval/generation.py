@@ -57,7 +57,9 @@ class HFGenerator:
     def generate(self, messages: Messages, n: int, seed: int) -> list[str]:
         import torch
 
-        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        encoded = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
         input_ids = torch.tensor([encoded["input_ids"]] * n, device=self.device)
         torch.manual_seed(seed)
         with torch.no_grad():
@@ -94,7 +96,9 @@ class VLLMGenerator:
         return vllm_generate(self.llm, self.tokenizer, messages, n, seed, self.sampling)
 
 
-def vllm_generate(llm: Any, tokenizer: Any, messages: Messages, n: int, seed: int, sampling: SamplingSettings) -> list[str]:
+def vllm_generate(
+    llm: Any, tokenizer: Any, messages: Messages, n: int, seed: int, sampling: SamplingSettings
+) -> list[str]:
     """n completions of one chat prompt with vLLM, seeded per request (GPU only)."""
     from vllm import SamplingParams
 

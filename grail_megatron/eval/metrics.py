@@ -27,7 +27,15 @@ def success_threshold(data_source: str) -> float:
     for family, threshold in SUCCESS_THRESHOLDS.items():
         if family in lowered:
             return threshold
-    raise ValueError(f"no success threshold for data_source {data_source!r}; expected one containing {tuple(SUCCESS_THRESHOLDS)}")
+    raise ValueError(
+        f"no success threshold for data_source {data_source!r}; expected one containing {tuple(SUCCESS_THRESHOLDS)}"
+    )
+
+
+def derive_ks(samples: int) -> list[int]:
+    """GRAIL's reported k values for `samples` completions per task: 1, 5, 10 and n, capped at n."""
+    n = max(1, int(samples))
+    return sorted({1, min(5, n), min(10, n), n})
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -74,16 +74,24 @@ def check_job(job: EvalJob) -> None:
         raise EvalError(f"{job.model_dir}: no tokenizer (looked for {', '.join(TOKENIZER_FILES)})")
 
 
-def load_rows(job: EvalJob) -> tuple[list[dict], Path]:
-    """The verl records of the chosen split, prepared on the fly when no --data is given."""
+def load_rows(job: EvalJob) -> tuple[list[dict], str]:
+    """The verl records of the chosen split and the sha256 of its file.
+
+    Without --data the split is prepared from `job.source` into a temporary folder (removed
+    afterwards; preparation is byte-identical, so the hash is stable across runs).
+    """
+    if job.data_dir is not None:
+        return _read_split(job, job.data_dir)
+    from grail_megatron.data import prepare_dataset
+
+    with tempfile.TemporaryDirectory(prefix=f"grail-eval-{job.dataset}-") as tmp:
+        prepare_dataset(job.dataset, tmp, job.source)
+        return _read_split(job, Path(tmp))
+
+
+def _read_split(job: EvalJob, data_dir: Path) -> tuple[list[dict], str]:
     import pyarrow.parquet as pq
 
-    data_dir = job.data_dir
-    if data_dir is None:
-        from grail_megatron.data import prepare_dataset
-
-        data_dir = Path(tempfile.mkdtemp(prefix=f"grail-eval-{job.dataset}-"))
-        prepare_dataset(job.dataset, data_dir, job.source)
     path = data_dir / f"{job.split}.parquet"
     if not path.is_file():
         present = sorted(p.stem for p in data_dir.glob("*.parquet"))
@@ -92,16 +100,17 @@ def load_rows(job: EvalJob) -> tuple[list[dict], Path]:
     wrong = {r["data_source"] for r in rows if job.dataset not in r["data_source"].lower()}
     if wrong:
         raise EvalError(f"{path}: rows have data_source {sorted(wrong)}, not {job.dataset}")
-    return (rows[: job.limit] if job.limit is not None else rows), path
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return (rows[: job.limit] if job.limit is not None else rows), digest
 
 
-def run_settings(job: EvalJob, data_path: Path, backend: str) -> dict[str, Any]:
+def run_settings(job: EvalJob, data_sha256: str, backend: str) -> dict[str, Any]:
     """What the samples depend on; stored in run.json and compared on resume."""
     return {
         "model": str(job.model_dir.resolve()),
         "dataset": job.dataset,
         "split": job.split,
-        "data_sha256": hashlib.sha256(data_path.read_bytes()).hexdigest(),
+        "data_sha256": data_sha256,
         "samples": job.samples,
         "seed": job.seed,
         "backend": backend,
@@ -157,12 +166,12 @@ def run(job: EvalJob, generator_factory=None) -> EvalOutcome:
     from grail_megatron.eval.generation import cuda_available, make_generator
 
     check_job(job)
-    rows, data_path = load_rows(job)
+    rows, data_sha256 = load_rows(job)
     backend = job.backend if job.backend != "auto" else ("vllm" if cuda_available() else "hf")
-    settings = run_settings(job, data_path, backend)
+    settings = run_settings(job, data_sha256, backend)
     done = prepare_output(job, settings)
     keys = [task_key(row, i) for i, row in enumerate(rows)]
-    todo = [(row, key) for row, key in zip(rows, keys) if key not in done]
+    todo = [(row, key) for row, key in zip(rows, keys, strict=True) if key not in done]
 
     samples_path = job.out_dir / "samples.jsonl"
     if todo:
@@ -189,8 +198,9 @@ def run(job: EvalJob, generator_factory=None) -> EvalOutcome:
 def _progress(total: int, initial: int, job: EvalJob):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=f"eval {job.dataset}/{job.split}", unit="task",
-                disable=not job.progress)
+    return tqdm(
+        total=total, initial=initial, desc=f"eval {job.dataset}/{job.split}", unit="task", disable=not job.progress
+    )
 
 
 def _write_atomically(path: Path, text: str) -> None:

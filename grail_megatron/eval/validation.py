@@ -28,8 +28,13 @@ class TaskResult:
     successes: list[bool]
 
     def to_json(self) -> dict[str, Any]:
-        return {"task": self.task, "data_source": self.data_source, "rewards": self.rewards,
-                "successes": self.successes, "completions": self.completions}
+        return {
+            "task": self.task,
+            "data_source": self.data_source,
+            "rewards": self.rewards,
+            "successes": self.successes,
+            "completions": self.completions,
+        }
 
 
 def task_key(row: Mapping[str, Any], position: int) -> str:
@@ -40,14 +45,22 @@ def task_key(row: Mapping[str, Any], position: int) -> str:
     return str(position)
 
 
-def score_tasks(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], completions: Sequence[Sequence[str]],
-                max_workers: int | None = None) -> list[TaskResult]:
+def score_tasks(
+    rows: Sequence[Mapping[str, Any]],
+    keys: Sequence[str],
+    completions: Sequence[Sequence[str]],
+    max_workers: int | None = None,
+) -> list[TaskResult]:
     """Score every completion with `compute_score_batch` and group the rewards per task."""
     from grail_megatron.rewards import compute_score_batch
 
     items = [
-        {"data_source": row["data_source"], "solution_str": text,
-         "ground_truth": row["reward_model"]["ground_truth"], "extra_info": row.get("extra_info")}
+        {
+            "data_source": row["data_source"],
+            "solution_str": text,
+            "ground_truth": row["reward_model"]["ground_truth"],
+            "extra_info": row.get("extra_info"),
+        }
         for row, texts in zip(rows, completions, strict=True)
         for text in texts
     ]
@@ -65,7 +78,10 @@ def metrics_of(results: Iterable[TaskResult], ks: Iterable[int], prefix: str = "
 
 
 def metrics_from_samples(
-    data_sources: Sequence[str], task_ids: Sequence[Any], scores: Sequence[float], ks: Sequence[int],
+    data_sources: Sequence[str],
+    task_ids: Sequence[Any],
+    scores: Sequence[float],
+    ks: Sequence[int],
     prefix: str = "val/",
 ) -> dict[str, float]:
     """The same metrics from flat per-sample lists, as verl's validation step has them
@@ -77,7 +93,7 @@ def metrics_from_samples(
     if not len(data_sources) == len(task_ids) == len(scores):
         raise ValueError(f"lists differ in length: {len(data_sources)}, {len(task_ids)}, {len(scores)}")
     groups: dict[tuple[str, str], list[float]] = {}
-    for source, task, score in zip(data_sources, task_ids, scores):
+    for source, task, score in zip(data_sources, task_ids, scores, strict=True):
         groups.setdefault((source, str(task)), []).append(float(score))
     return summarize_by_source(((s, t, r) for (s, t), r in groups.items()), ks, prefix=prefix)
 

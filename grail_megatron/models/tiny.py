@@ -155,11 +155,13 @@ def make_tiny_model(
     intermediate: int | None = None,
     seed: int = 0,
     dtype: str = "float32",
+    vocab_size: int | None = None,
 ) -> Path:
     """Save a random-init HF causal LM (+ tokenizer) to `out_dir` and return the path.
 
     `tokenizer_dir` is a folder written by `train_tokenizer`; the model's vocabulary is
-    exactly the tokenizer's (the Megatron bridge pads it for tensor parallelism).
+    the tokenizer's, or `vocab_size` rows when given (>= the tokenizer's; real checkpoints such
+    as Qwen2 carry unused rows too). The Megatron bridge pads it for tensor parallelism.
     DESIGN.md section 8's learnable size: hidden=128, intermediate=256, layers=2, heads=4,
     kv_heads=2.
     """
@@ -171,9 +173,12 @@ def make_tiny_model(
     tokenizer = load_tokenizer(tokenizer_dir)
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
+    vocab_size = vocab_size or len(tokenizer)
+    if vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer ({len(tokenizer)})")
     config = tiny_config(
         arch,
-        len(tokenizer),
+        vocab_size,
         hidden=hidden,
         layers=layers,
         heads=heads,

@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from grail_megatron.prompts import REASONING_END, REASONING_START, SOLUTION_END, SOLUTION_START
 
 _FLAGS = re.IGNORECASE | re.DOTALL
 _THINK_OPEN = re.compile(re.escape(REASONING_START), _FLAGS)
 _THINK_CLOSE = re.compile(re.escape(REASONING_END), _FLAGS)
-_SOL_OPEN = re.compile(re.escape(SOLUTION_START), _FLAGS)
+# The opening tag and the whitespace run after it in one (linear) match.
+_SOL_OPEN_WS = re.compile(re.escape(SOLUTION_START) + r"\s*", _FLAGS)
 _SOL_CLOSE = re.compile(re.escape(SOLUTION_END), _FLAGS)
-_WS_RUN = re.compile(r"\s*")
 
 # The reference patterns, kept for the equivalence tests and documentation only.
 REFERENCE_THINKING_PATTERN = re.compile(
@@ -55,17 +56,21 @@ class SolutionMatch:
 def has_thinking(text: str) -> bool:
     """True iff the reference thinking regex matches: an open tag, later a close tag."""
     opened = _THINK_OPEN.search(text)
-    if opened is None:
-        return False
-    return _THINK_CLOSE.search(text, opened.end()) is not None
+    return opened is not None and _THINK_CLOSE.search(text, opened.end()) is not None
 
 
 def find_solution(text: str) -> SolutionMatch | None:
     """Linear-time equivalent of ``REFERENCE_SOLUTION_PATTERN.search(text)``."""
-    opened = _SOL_OPEN.search(text)
+    span = _solution_span(text)
+    return None if span is None else SolutionMatch(*span)
+
+
+def _solution_span(text: str) -> tuple[int, int, int] | None:
+    """(group start, group end, match end) of the reference's first match, or None."""
+    opened = _SOL_OPEN_WS.search(text)
     if opened is None:
         return None
-    group_start = _WS_RUN.match(text, opened.end()).end()
+    group_start = opened.end()
     closed = _SOL_CLOSE.search(text, group_start + 1)
     if closed is not None:
         # The lazy group stops at the first position whose whitespace run reaches the tag,
@@ -73,17 +78,16 @@ def find_solution(text: str) -> SolutionMatch | None:
         group_end = closed.start()
         while group_end > group_start + 1 and text[group_end - 1].isspace():
             group_end -= 1
-        return SolutionMatch(group_start, group_end, closed.end())
-    if group_start > opened.end():
+        return group_start, group_end, closed.end()
+    if group_start > opened.start() + len(SOLUTION_START):
         closed = _SOL_CLOSE.match(text, group_start)
         if closed is not None:
             # "<SOLUTION>   </SOLUTION>": the group is the last whitespace character.
-            return SolutionMatch(group_start - 1, group_start, closed.end())
+            return group_start - 1, group_start, closed.end()
     return None
 
 
-@dataclass(frozen=True, slots=True)
-class ParsedCompletion:
+class ParsedCompletion(NamedTuple):
     """The format facts every family reads from a completion."""
 
     thinking: bool
@@ -93,7 +97,7 @@ class ParsedCompletion:
 
 
 def parse_completion(text: str) -> ParsedCompletion:
-    match = find_solution(text)
-    if match is None:
+    span = _solution_span(text)
+    if span is None:
         return ParsedCompletion(has_thinking(text), False, "", 0)
-    return ParsedCompletion(has_thinking(text), True, match.group(text).strip(), len(text) - match.end)
+    return ParsedCompletion(has_thinking(text), True, text[span[0] : span[1]].strip(), len(text) - span[2])

@@ -6,6 +6,7 @@ the float is bit-identical.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Any
 
 from grail_megatron.rewards.extract import parse_completion
@@ -38,6 +39,13 @@ def normalize(answer: str) -> str:
     return s[:end]
 
 
+@lru_cache(maxsize=65536)
+def _gold(ground_truth: str | None) -> tuple[str, str]:
+    """(parsed, normalised) gold; cached because GRPO scores many rollouts per prompt."""
+    parsed = parse_gold(ground_truth)
+    return parsed, normalize(parsed)
+
+
 def score(solution_str: str, ground_truth: str | None) -> dict[str, Any]:
     parsed = parse_completion(solution_str)
     answer_text = ""
@@ -47,9 +55,8 @@ def score(solution_str: str, ground_truth: str | None) -> dict[str, Any]:
         if number is not None:
             answer_text = number.group(0).replace(",", "").strip()
             numeric_only = _NUMERIC_ONLY.match(parsed.inside.replace(" ", "")) is not None
-    gold_parsed = parse_gold(ground_truth)
+    gold_parsed, gold_norm = _gold(ground_truth)
     pred_norm = normalize(answer_text)
-    gold_norm = normalize(gold_parsed)
     correct = pred_norm == gold_norm
     strict = parsed.has_solution and numeric_only and parsed.trailing == 0
     no_trailing = parsed.trailing == 0

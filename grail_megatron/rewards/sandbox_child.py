@@ -92,6 +92,15 @@ def import_path_exposure(paths: list[str]) -> dict[str, list[str]]:
     return plan
 
 
+def private_mounts_with_import_paths(paths: list[str]) -> None:
+    """For a root process about to drop to an unprivileged uid: a private mount namespace
+    in which the import directories stay readable (see ``import_path_exposure``)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    os.unshare(os.CLONE_NEWNS)
+    _mount(libc, b"none", b"/", None, _MS_REC | _MS_PRIVATE, None)
+    _expose(libc, import_path_exposure(paths))
+
+
 def _expose(libc, plan: dict[str, list[str]]) -> None:
     for blocker, needed in plan.items():
         handles = [os.open(path, os.O_PATH | os.O_DIRECTORY) for path in needed]

@@ -169,16 +169,32 @@ class _Server:
         return reply
 
 
+# Exercised once before serving so that lazily imported sympy machinery (trigsimp,
+# combinatorics, floats, relationals) is already loaded in every forked evaluator.
+_WARMUP = (
+    ("sqrt(8)", "2*sqrt(2)"), ("(x-1)*(x+1)", "x**2-1"), ("sin(x)**2+cos(x)**2", "1"),
+    ("exp(i*pi*x)", "cos(pi*x)+i*sin(pi*x)"), ("factorial(5)", "binomial(6,3)*6"),
+    ("0.75", "3/4"), ("log(8)/log(2)", "3"), ("(1,2)", "(2,1)"), ("x>1", "1<x"), ("oo", "pi"),
+    ("tan(x)", "sin(x)/cos(x)"), ("1/sqrt(2)", "sqrt(2)/2"),
+)
+
+
 def _serve() -> None:  # pragma: no cover - exercised through SympyChecker in a subprocess
     from grail_megatron.rewards.privileges import Limits, drop_to, isolate_network
 
     import sympy  # noqa: F401 - imported before the sandbox closes, so evaluators start warm
 
-    _sympy_equal("sqrt(8)", "2*sqrt(2)")
-    _sympy_equal("(x-1)*(x+1)", "x**2-1")
+    for pred, gold in _WARMUP:
+        _sympy_equal(pred, gold)
     if "--math-verify" in sys.argv:
         _math_verify_equal("\\frac{1}{2}", "0.5")
     isolate_network()
+    if os.geteuid() == 0:
+        # After dropping to nobody, a lazy import inside sympy must still find the standard
+        # library (which may live under a 0700 home such as /root/.pyenv).
+        from grail_megatron.rewards.sandbox_child import private_mounts_with_import_paths
+
+        private_mounts_with_import_paths(sys.path)
     Limits(open_files=64).apply()
     drop_to()
     server = _Server()

@@ -34,6 +34,7 @@ _PRELOAD = (
 ).split()
 
 MAX_VERDICT_BYTES = 1 << 16
+MAX_CONCURRENT_TESTS = 16  # tests of one program run at once, like the reference's pool
 
 
 def _preload() -> None:
@@ -43,28 +44,8 @@ def _preload() -> None:
         importlib.import_module(name)
 
 
-def _read_verdict(fd: int, deadline: float) -> tuple[bytes | None, bool]:
-    """Read one newline-terminated verdict; returns (verdict or None, timed_out).
-
-    Stops at the newline rather than at EOF: a test may leave processes behind that hold
-    the pipe open, and they must not turn a finished test into a timeout.
-    """
-    data = b""
-    while len(data) < MAX_VERDICT_BYTES:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-            return None, True
-        chunk = os.read(fd, MAX_VERDICT_BYTES)
-        if not chunk:
-            return None, False
-        data += chunk
-        if b"\n" in data:
-            return data.split(b"\n", 1)[0], False
-    return None, False
-
-
 def _wait_exit(pid: int, deadline: float) -> int | None:
-    """Wait for ``pid`` to exit until the deadline; its exit status, or None if still alive."""
+    """Wait for ``pid`` to exit until the deadline; its wait status, or None if still alive."""
     pidfd = os.pidfd_open(pid)
     try:
         remaining = max(0.0, deadline - time.monotonic())
@@ -85,13 +66,47 @@ def _parse_verdict(raw: bytes) -> dict:
     return {"status": "process_error", "error": "Malformed verdict from the test process"}
 
 
+class _RunningTest:
+    """One forked test process: PID 1 of its namespace, verdict pipe, what it reported."""
+
+    def __init__(self, pid: int, fd: int) -> None:
+        self.pid, self.fd = pid, fd
+        self.buffer = b""
+        self.verdict: bytes | None = None
+        self.closed_without_verdict = False
+        self.status: int | None = None  # wait status once reaped
+        self.exited_in_time = False
+
+    def feed(self) -> bool:
+        """Read what is available; True once the test has nothing more to say."""
+        chunk = os.read(self.fd, MAX_VERDICT_BYTES)
+        if not chunk:
+            self.closed_without_verdict = True
+            return True
+        self.buffer += chunk
+        if b"\n" in self.buffer:
+            # Stop at the newline, not at EOF: processes the test left behind may hold
+            # the pipe open, and they must not turn a finished test into a timeout.
+            self.verdict = self.buffer.split(b"\n", 1)[0]
+            return True
+        return len(self.buffer) >= MAX_VERDICT_BYTES
+
+    def result(self) -> dict:
+        if self.verdict is not None:
+            return _parse_verdict(self.verdict)
+        if self.exited_in_time:
+            code = os.waitstatus_to_exitcode(self.status)
+            return {"status": "process_error", "error": f"Process terminated unexpectedly (exit_code={code})"}
+        return {"status": "timeout", "error": "Execution timed out"}
+
+
 class Zygote:
     def __init__(self, config: SandboxConfig) -> None:
         self.config = config
         self._own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY)
         self._exposure = import_path_exposure(sys.path) if os.geteuid() == 0 else {}
 
-    def run_test(self, program: str, timeout: float) -> dict:
+    def _start(self, program: str) -> _RunningTest:
         read_end, write_end = os.pipe()
         os.unshare(os.CLONE_NEWPID)  # the next child is PID 1 of a fresh namespace
         try:
@@ -105,34 +120,43 @@ class Zygote:
             if pid != 0:
                 os.setns(self._own_pid_ns, os.CLONE_NEWPID)
         os.close(write_end)
+        return _RunningTest(pid, read_end)
+
+    def run_tests(self, programs: list[str], timeout: float) -> list[dict]:
+        """Run programs concurrently (as the reference does), each with ``timeout``."""
+        results = []
+        for start in range(0, len(programs), MAX_CONCURRENT_TESTS):
+            results += self._run_group(programs[start : start + MAX_CONCURRENT_TESTS], timeout)
+        return results
+
+    def _run_group(self, programs: list[str], timeout: float) -> list[dict]:
+        tests = [self._start(program) for program in programs]
         deadline = time.monotonic() + timeout
-        try:
-            verdict, timed_out = _read_verdict(read_end, deadline)
-        finally:
-            os.close(read_end)
-        status = None
-        if verdict is None and not timed_out:  # pipe closed without a verdict
-            status = _wait_exit(pid, deadline)
-            timed_out = status is None
-        if status is None:
-            # SIGKILL to PID 1 takes the whole namespace (and any leftover process) with it.
-            os.kill(pid, signal.SIGKILL)
-            status = os.waitpid(pid, 0)[1]
-        if timed_out:
-            return {"status": "timeout", "error": "Execution timed out"}
-        if verdict is not None:
-            return _parse_verdict(verdict)
-        return {
-            "status": "process_error",
-            "error": f"Process terminated unexpectedly (exit_code={os.waitstatus_to_exitcode(status)})",
-        }
+        pending = {test.fd: test for test in tests}
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for fd in select.select(list(pending), [], [], remaining)[0]:
+                if pending[fd].feed():
+                    del pending[fd]
+        for test in tests:
+            os.close(test.fd)
+            if test.closed_without_verdict:  # exited (or closed the pipe): wait, bounded
+                test.status = _wait_exit(test.pid, deadline)
+                test.exited_in_time = test.status is not None
+            if test.status is None:
+                # SIGKILL to PID 1 takes its whole namespace (and any leftovers) with it.
+                os.kill(test.pid, signal.SIGKILL)
+                test.status = os.waitpid(test.pid, 0)[1]
+        return [test.result() for test in tests]
 
     def serve(self, stdin, stdout) -> None:
         stdout.write(b"ready\n")
         stdout.flush()
         for line in stdin:
             request = json.loads(line)
-            results = [self.run_test(test, request["timeout"]) for test in request["programs"]]
+            results = self.run_tests(request["programs"], request["timeout"])
             stdout.write(json.dumps({"results": results}).encode() + b"\n")
             stdout.flush()
 

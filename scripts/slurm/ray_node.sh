@@ -44,24 +44,32 @@ case "$role" in
   *) gm_die "unknown role '$role' (head or worker)" ;;
 esac
 
-gm_log "starting Ray $role (temp dir $tmp, CPUs ${GM_CPUS_PER_NODE}, GPUs ${GM_GPUS_PER_NODE:-0})"
 # Ray's own start-up chatter goes to a file; it is shown if Ray dies on its own (or always
 # with GM_RAY_VERBOSE=1).
 out="$GM_JOB_DIR/ray-${node}.out"
-if [ "${GM_RAY_VERBOSE:-0}" = 1 ]; then out=/dev/stdout; fi
-gm_container_exec "${GM_PYTHON:-python3}" -m ray.scripts.scripts start "${args[@]}" >>"$out" 2>&1 &
-ray_pid=$!
-stopping=0
-trap 'stopping=1; kill -TERM "$ray_pid" 2>/dev/null' TERM INT HUP
-gm_wait "$ray_pid"
-rc=$?
+[ "${GM_RAY_VERBOSE:-0}" = 1 ] && out=/dev/stdout
+stopping=0 ray_pid=""
+trap 'stopping=1; [ -n "$ray_pid" ] && kill -TERM "$ray_pid" 2>/dev/null' TERM INT HUP
+# Ray gives a node a fixed 30 s to register with the GCS; on an overloaded node start-up can
+# time out. Such a start-up failure (Ray never printed "Ray runtime started") is retried.
+attempts=${GM_RAY_START_ATTEMPTS:-3}
+for attempt in $(seq 1 "$attempts"); do
+  gm_log "starting Ray $role (attempt $attempt/$attempts, temp dir $tmp, CPUs ${GM_CPUS_PER_NODE}, GPUs ${GM_GPUS_PER_NODE:-0})"
+  [ "$out" = /dev/stdout ] || : >"$out"
+  gm_container_exec "${GM_PYTHON:-python3}" -m ray.scripts.scripts start "${args[@]}" >>"$out" 2>&1 &
+  ray_pid=$!
+  gm_wait "$ray_pid"
+  rc=$?
+  [ "$stopping" = 1 ] && break
+  gm_log "ERROR: Ray $role exited on its own (exit $rc); its output:"
+  [ "$out" != /dev/stdout ] && tail -n 25 "$out" | sed 's/^/    /'
+  [ "$rc" = 0 ] && rc=1
+  if [ "$out" = /dev/stdout ] || grep -q "Ray runtime started" "$out"; then break; fi
+  rm -rf "${tmp:?}"/*
+done
 if [ "$stopping" = 1 ]; then
   gm_log "Ray $role stopped"
   rc=0
-else
-  gm_log "ERROR: Ray $role exited on its own (exit $rc); its output:"
-  [ -f "$out" ] && tail -n 40 "$out" | sed 's/^/    /'
-  [ "$rc" = 0 ] && rc=1
 fi
 if [ -n "${GM_RAY_LOG_DIR:-}" ] && [ -d "$tmp/session_latest/logs" ]; then
   mkdir -p "$GM_RAY_LOG_DIR" && cp -rL "$tmp/session_latest/logs" "$GM_RAY_LOG_DIR/${node}-run${SLURM_RESTART_COUNT:-0}" 2>/dev/null

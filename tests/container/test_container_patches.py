@@ -142,7 +142,7 @@ def test_git_apply_3way_exits_nonzero_on_a_conflict(git_checkout):
 def _start_scenarios(tree: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
            "CUDA_VISIBLE_DEVICES": ""}
-    names = [scenario for scenario, _ in PATCH_SCENARIOS.values()]
+    names = [scenario for scenario, _ in PATCH_SCENARIOS.values()] + ["selftest_sees_patches"]
     return subprocess.Popen([sys.executable, str(SCENARIOS), *names], env=env, cwd=tree.parent,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -179,3 +179,10 @@ def test_scenario_passes_with_the_patch(patch_name, scenario_results):
     scenario, _ = PATCH_SCENARIOS[patch_name]
     result = scenario_results["patched"][scenario]
     assert result["ok"], result["error"]
+
+
+def test_the_image_selftest_tells_patched_from_unpatched(scenario_results):
+    """scripts/gpu_selftest.sh's `megatron_patches` check (docker/selftest/check_kernels.py)."""
+    unpatched = scenario_results["unpatched"]["selftest_sees_patches"]
+    assert not unpatched["ok"] and "patch 0002 missing" in unpatched["error"], unpatched
+    assert scenario_results["patched"]["selftest_sees_patches"]["ok"], scenario_results["patched"]

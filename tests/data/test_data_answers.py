@@ -1,4 +1,5 @@
 """Ground-truth extraction: GSM8K `####`, MATH's first box by brace depth, MBPP test JSON."""
+
 import json
 from pathlib import Path
 
@@ -71,8 +72,10 @@ def _well_formed_mbpp(ground_truth: str) -> bool:
         gold = json.loads(ground_truth)
     except json.JSONDecodeError:
         return False
-    return isinstance(gold, dict) and set(gold) == {"test_list", "test_setup_code", "test_imports"} and all(
-        isinstance(gold[k], list) for k in ("test_list", "test_imports")
+    return (
+        isinstance(gold, dict)
+        and set(gold) == {"test_list", "test_setup_code", "test_imports"}
+        and all(isinstance(gold[k], list) for k in ("test_list", "test_imports"))
     )
 
 

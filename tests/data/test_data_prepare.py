@@ -1,5 +1,6 @@
 """Prepared files: verl's format (loaded by verl's own RLHFDataset), the prompt-length filter,
 the CLI, and bad inputs (errors naming file/row/field, skip counts, no half-written output)."""
+
 import json
 
 import pyarrow.parquet as pq
@@ -80,8 +81,12 @@ def test_verl_rlhf_dataset_loads_prepared_files_and_agrees_on_prompt_length(tmp_
     assert (train.rows, train.too_long) == (expected_kept, len(lengths) - expected_kept)
 
     config = OmegaConf.create(
-        {"max_prompt_length": limit, "filter_overlong_prompts": True, "filter_overlong_prompts_workers": None,
-         "cache_dir": str(tmp_path / "verl_cache")}
+        {
+            "max_prompt_length": limit,
+            "filter_overlong_prompts": True,
+            "filter_overlong_prompts_workers": None,
+            "cache_dir": str(tmp_path / "verl_cache"),
+        }
     )
     verl_full = RLHFDataset(str(full.files["train"]), tokenizer, config)
     verl_cut = RLHFDataset(str(cut.files["train"]), tokenizer, config)
@@ -96,8 +101,21 @@ def test_verl_rlhf_dataset_loads_prepared_files_and_agrees_on_prompt_length(tmp_
 def test_cli_writes_files_and_prints_the_summary(tmp_path, capsys):
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("Answer briefly.\n")
-    code = cli_main(["--dataset", "mbpp", "--source", "fixtures", "--out", str(tmp_path / "o"),
-                     "--mbpp-scheme", "grail", "--system-prompt-file", str(prompt), "--no-progress"])
+    code = cli_main(
+        [
+            "--dataset",
+            "mbpp",
+            "--source",
+            "fixtures",
+            "--out",
+            str(tmp_path / "o"),
+            "--mbpp-scheme",
+            "grail",
+            "--system-prompt-file",
+            str(prompt),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "mbpp from fixtures" in out and "train" in out and "28" in out and "12" in out
@@ -140,7 +158,11 @@ def test_wrong_type_and_invalid_json_name_the_row(tmp_path):
 def test_unscorable_rows_are_counted_or_fatal_in_strict_mode(tmp_path):
     src = _gsm8k_source(
         tmp_path / "src",
-        [{"question": "a?", "answer": "#### 1"}, {"question": "b?", "answer": "It is 2."}, {"question": "c?", "answer": "#### 3"}],
+        [
+            {"question": "a?", "answer": "#### 1"},
+            {"question": "b?", "answer": "It is 2."},
+            {"question": "c?", "answer": "#### 3"},
+        ],
     )
     result = prepare_dataset("gsm8k", tmp_path / "out", src)
     train = {s.name: s for s in result.splits}["train"]
@@ -155,7 +177,10 @@ def test_math_solution_without_box_is_skipped_after_the_split(tmp_path):
     from grail_megatron.data.splits import MATH_SUBJECTS
 
     for subject in MATH_SUBJECTS:
-        rows = [{"problem": f"{subject} {i}", "level": "Level 1", "type": "x", "solution": f"$\\boxed{{{i}}}$"} for i in range(15)]
+        rows = [
+            {"problem": f"{subject} {i}", "level": "Level 1", "type": "x", "solution": f"$\\boxed{{{i}}}$"}
+            for i in range(15)
+        ]
         if subject == "geometry":
             rows[3]["solution"] = "The answer is 3."
         _jsonl(tmp_path / "src" / subject / "train.jsonl", rows)
@@ -185,3 +210,10 @@ def test_a_failed_run_leaves_earlier_outputs_untouched(tmp_path):
     with pytest.raises(DataError):
         prepare_dataset("gsm8k", out, src)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_hub_source_offline_names_the_dataset(tmp_path):
+    # tests/conftest.py sets HF_DATASETS_OFFLINE=1 and the build machines have no HF cache
+    with pytest.raises(DataError, match=r"hf:openai/gsm8k/main/train: cannot load from the Hugging Face hub"):
+        prepare_dataset("gsm8k", tmp_path / "out", "hf")
+    assert not (tmp_path / "out").exists()

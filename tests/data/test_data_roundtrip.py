@@ -1,5 +1,6 @@
 """Round trip: every prepared fixture row, answered with its own gold inside GRAIL's tags,
 gets the full reward from `grail_megatron.rewards.compute_score_batch`."""
+
 import json
 import re
 
@@ -39,9 +40,19 @@ def test_each_fixture_gold_scores_full_marks(dataset, tmp_path):
         for row in pq.read_table(path).to_pylist():
             answer = _gold_answer(row, reference_code)
             completion = f"{REASONING_START}\nWorking it out.\n{REASONING_END}\n{SOLUTION_START}{answer}{SOLUTION_END}"
-            items.append({"data_source": row["data_source"], "solution_str": completion,
-                          "ground_truth": row["reward_model"]["ground_truth"], "extra_info": row["extra_info"]})
+            items.append(
+                {
+                    "data_source": row["data_source"],
+                    "solution_str": completion,
+                    "ground_truth": row["reward_model"]["ground_truth"],
+                    "extra_info": row["extra_info"],
+                }
+            )
     scores = compute_score_batch(items)
-    failed = [(i["extra_info"]["split"], i["extra_info"]["index"], s) for i, s in zip(items, scores) if s["score"] != pytest.approx(1.0)]
+    failed = [
+        (i["extra_info"]["split"], i["extra_info"]["index"], s)
+        for i, s in zip(items, scores, strict=True)
+        if s["score"] != pytest.approx(1.0)
+    ]
     assert not failed
     assert len(items) == sum(s.rows for s in result.splits)

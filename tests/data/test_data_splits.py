@@ -1,4 +1,5 @@
 """GRAIL's splits on synthetic sources with the real row counts (nothing is downloaded)."""
+
 import hashlib
 import json
 import random
@@ -44,8 +45,12 @@ def math_source(tmp_path_factory):
     for subject in MATH_SUBJECTS:
         for split, sizes in (("train", MATH_TRAIN), ("test", MATH_TEST)):
             rows = [
-                {"problem": f"{subject} {split} {i}", "level": f"Level {i % 5 + 1}", "type": subject,
-                 "solution": f"Hence $\\boxed{{\\frac{{{i}}}{{7}}}}$."}
+                {
+                    "problem": f"{subject} {split} {i}",
+                    "level": f"Level {i % 5 + 1}",
+                    "type": subject,
+                    "solution": f"Hence $\\boxed{{\\frac{{{i}}}{{7}}}}$.",
+                }
                 for i in range(sizes[subject])
             ]
             _jsonl(root / subject / f"{split}.jsonl", rows)
@@ -57,8 +62,14 @@ def mbpp_source(tmp_path_factory):
     root = tmp_path_factory.mktemp("mbpp_src")
     for split, n, first_id in (("train", 374, 601), ("validation", 90, 511), ("test", 500, 11)):
         rows = [
-            {"task_id": first_id + i, "text": f"Write f{first_id + i}.", "code": f"def f{first_id + i}(x):\r\n  return x",
-             "test_list": [f"assert f{first_id + i}(1) == 1"], "test_setup_code": "", "challenge_test_list": []}
+            {
+                "task_id": first_id + i,
+                "text": f"Write f{first_id + i}.",
+                "code": f"def f{first_id + i}(x):\r\n  return x",
+                "test_list": [f"assert f{first_id + i}(1) == 1"],
+                "test_setup_code": "",
+                "challenge_test_list": [],
+            }
             for i in range(n)
         ]
         _jsonl(root / f"{split}.jsonl", rows)
@@ -95,7 +106,10 @@ def test_math_stratified_7000_500_with_grails_membership(math_source, tmp_path):
     assert got_val == expected
     assert not got_val & got_train and len(got_val | got_train) == 7500
     # subjects stay in order and problems in source order inside each split
-    keys = [(MATH_SUBJECTS.index(s), i) for s, i in ((r["extra_info"]["subject"], r["extra_info"]["source_index"]) for r in train)]
+    keys = [
+        (MATH_SUBJECTS.index(s), i)
+        for s, i in ((r["extra_info"]["subject"], r["extra_info"]["source_index"]) for r in train)
+    ]
     assert keys == sorted(keys)
     assert [r["extra_info"]["index"] for r in val] == list(range(500))
     assert val[0]["reward_model"]["ground_truth"].startswith("\\frac{")

@@ -1,4 +1,5 @@
 """k-metrics against hand-computed values."""
+
 import math
 
 import pytest

@@ -1,6 +1,7 @@
 """End to end on CPU: a tiny random-init Qwen2 sampled with HF generate on the fixtures,
 scored with the real rewards; determinism, resume, errors before generation, and
 `evaluate` (the validation entry point) with a scripted generate function."""
+
 import json
 import re
 
@@ -14,8 +15,25 @@ from grail_megatron.eval.runner import EvalError, EvalJob, run
 from grail_megatron.prompts import REASONING_END, REASONING_START, SOLUTION_END, SOLUTION_START, SYSTEM_PROMPT
 from grail_megatron.rewards import compute_score
 
-ARGS = ["--dataset", "gsm8k", "--source", "fixtures", "--samples", "3", "--k", "1,3", "--limit", "4",
-        "--max-new-tokens", "12", "--backend", "hf", "--seed", "7", "--no-progress"]
+ARGS = [
+    "--dataset",
+    "gsm8k",
+    "--source",
+    "fixtures",
+    "--samples",
+    "3",
+    "--k",
+    "1,3",
+    "--limit",
+    "4",
+    "--max-new-tokens",
+    "12",
+    "--backend",
+    "hf",
+    "--seed",
+    "7",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +44,9 @@ def tiny_model(tmp_path_factory):
     data = prepare_dataset("gsm8k", root / "data", "fixtures")
     texts = [m["content"] for p in data.files.values() for r in pq.read_table(p).to_pylist() for m in r["prompt"]]
     train_tokenizer(texts + [SYSTEM_PROMPT], root / "tok")
-    return make_tiny_model(root / "model", arch="qwen2", tokenizer_dir=root / "tok", hidden=32, layers=2, heads=2,
-                           kv_heads=1, seed=3)
+    return make_tiny_model(
+        root / "model", arch="qwen2", tokenizer_dir=root / "tok", hidden=32, layers=2, heads=2, kv_heads=1, seed=3
+    )
 
 
 def _lines(path):
@@ -45,11 +64,15 @@ def test_cli_run_scores_real_samples_and_is_deterministic(tiny_model, tmp_path, 
     assert summary["sampling"] == {"temperature": 0.7, "top_p": 0.95, "top_k": 50, "max_new_tokens": 12}
     lines = _lines(tmp_path / "a" / "samples.jsonl")
     assert [line["task"] for line in lines] == ["val/0", "val/1", "val/2", "val/3"]
-    gold = {f"val/{r['extra_info']['index']}": r["reward_model"]["ground_truth"]
-            for r in pq.read_table(prepare_dataset("gsm8k", tmp_path / "d", "fixtures").files["val"]).to_pylist()}
+    gold = {
+        f"val/{r['extra_info']['index']}": r["reward_model"]["ground_truth"]
+        for r in pq.read_table(prepare_dataset("gsm8k", tmp_path / "d", "fixtures").files["val"]).to_pylist()
+    }
     for line in lines:
         assert len(line["completions"]) == 3 and all(line["completions"])
-        assert line["rewards"] == [compute_score("grail_gsm8k", c, gold[line["task"]])["score"] for c in line["completions"]]
+        assert line["rewards"] == [
+            compute_score("grail_gsm8k", c, gold[line["task"]])["score"] for c in line["completions"]
+        ]
         assert line["successes"] == [r >= 0.6 for r in line["rewards"]]
     rewards = [r for line in lines for r in line["rewards"]]
     assert summary["metrics"]["reward_mean_all"] == pytest.approx(sum(rewards) / 12)
@@ -77,8 +100,19 @@ def test_resume_skips_written_tasks_and_matches_an_uninterrupted_run(tiny_model,
 def _job(model_dir, out_dir, **changes):
     from grail_megatron.eval.generation import SamplingSettings
 
-    base = dict(model_dir=model_dir, dataset="gsm8k", out_dir=out_dir, source="fixtures", samples=3, ks=(1, 3),
-                seed=7, limit=2, backend="hf", progress=False, sampling=SamplingSettings(max_new_tokens=12))
+    base = dict(
+        model_dir=model_dir,
+        dataset="gsm8k",
+        out_dir=out_dir,
+        source="fixtures",
+        samples=3,
+        ks=(1, 3),
+        seed=7,
+        limit=2,
+        backend="hf",
+        progress=False,
+        sampling=SamplingSettings(max_new_tokens=12),
+    )
     return EvalJob(**{**base, **changes})
 
 
@@ -103,7 +137,10 @@ def test_bad_inputs_fail_before_any_generation(tiny_model, tmp_path):
             run(job, generator_factory=_never)
     data = prepare_dataset("mbpp", tmp_path / "mbpp", "fixtures", mbpp_scheme="grail")
     with pytest.raises(EvalError, match=r"no 'test' split here \(found: train, val\)"):
-        run(_job(tiny_model, tmp_path / "o", dataset="mbpp", split="test", data_dir=data.out_dir), generator_factory=_never)
+        run(
+            _job(tiny_model, tmp_path / "o", dataset="mbpp", split="test", data_dir=data.out_dir),
+            generator_factory=_never,
+        )
     with pytest.raises(EvalError, match=r"data_source \['grail_mbpp'\], not gsm8k"):
         run(_job(tiny_model, tmp_path / "o", data_dir=data.out_dir), generator_factory=_never)
 
@@ -146,3 +183,31 @@ def test_evaluate_with_a_scripted_generator_gives_hand_computed_val_metrics(tmp_
     assert all(key.startswith("val/grail_gsm8k/") for key in metrics)
     with pytest.raises(ValueError, match="1..samples=3"):
         evaluate(generate_fn, rows, samples=3, ks=[4], seed=5)
+
+
+def test_sampling_settings_from_a_verl_config():
+    from omegaconf import OmegaConf
+
+    from grail_megatron.eval.generation import SamplingSettings
+
+    config = OmegaConf.create(
+        {
+            "actor_rollout_ref": {"rollout": {"temperature": 0.6, "top_p": 0.9, "top_k": 20}},
+            "data": {"max_response_length": 2048},
+        }
+    )
+    assert SamplingSettings.from_config(config) == SamplingSettings(0.6, 0.9, 20, 2048)
+
+
+def test_wandb_offline_run_receives_the_metrics(tmp_path, monkeypatch):
+    from grail_megatron.eval.cli import log_to_wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log_to_wandb("grail-eval-test", _job(tmp_path / "model", tmp_path / "o"), {"pass@1": 0.25, "mean@1": 0.5})
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    records = run_file.read_bytes()  # protobuf records: key, then the JSON value
+    for key, value in ((b"eval/gsm8k/pass@1", b"0.25"), (b"eval/gsm8k/mean@1", b"0.5")):
+        at = records.find(key)
+        assert at >= 0 and value in records[at : at + len(key) + 8]

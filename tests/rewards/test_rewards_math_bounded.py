@@ -7,7 +7,7 @@ import pytest
 
 from grail_megatron.rewards import compute_score
 from grail_megatron.rewards.math_answer import answers_equal
-from grail_megatron.rewards.sympy_worker import SympyChecker, _sympy_equal
+from grail_megatron.rewards.sympy_worker import SympyChecker, _sympy_equal, default_checker
 
 BUDGET = 0.5
 
@@ -59,9 +59,10 @@ def test_timeouts_are_cached_so_a_repeat_costs_nothing(checker):
 
 
 def test_completion_level_result_reports_timeout():
+    default_checker().warmup()  # the process-wide worker's start is not part of a call
     text = "<start_working_out>w</end_working_out><SOLUTION>10**10**10</SOLUTION>"
     result, elapsed = _timed(compute_score, "grail_math", text, "1")
-    assert elapsed < 1.0 + 5.0  # first use may include the worker's start (measured below)
+    assert elapsed < 1.0
     assert result["timed_out"] is True and result["correct"] is False
     assert result["score"] == 0.0 + 0.15 + 0.1 + 0.05
     result, elapsed = _timed(compute_score, "grail_math", text.replace("10**10**10", "10**10**12"), "1")

@@ -219,7 +219,8 @@ def test_programs_share_no_files_or_globals(pool):
         "assert not os.path.exists('/tmp/leak.txt') and not os.path.exists('/dev/shm/leak.txt')\n"
         "assert os.listdir('.') == []\n"
     )
-    assert pool.run([writer, reader]) == [{"status": "success", "error": None}] * 2
+    assert pool.run([writer]) == [{"status": "success", "error": None}]
+    assert pool.run([reader]) == [{"status": "success", "error": None}]
     assert not Path("/tmp/leak.txt").exists() and not Path("/dev/shm/leak.txt").exists()
 
 
@@ -235,3 +236,10 @@ def test_reference_semantics_inside_the_sandbox(pool):
     assert [v["status"] for v in verdicts] == ["success", "success", "success", "runtime_error", "process_error"]
     assert verdicts[3]["error"] == "ImportError: Module 'threading' is not allowed in sandboxed execution"
     assert verdicts[4]["error"] == "Process terminated unexpectedly (exit_code=3)"
+
+
+def test_tests_of_one_program_run_concurrently_so_a_call_is_bounded_by_one_timeout(pool):
+    start = time.monotonic()
+    verdicts = pool.run(["while True:\n    pass\n"] * 4)
+    assert [v["status"] for v in verdicts] == ["timeout"] * 4
+    assert time.monotonic() - start < 2.5  # 4 sequential timeouts would take 4 s

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_testlib import PYTHON, REPO, SubmittedJob, job_info, read_text, submit, wait_finished, wait_for
+from slurm_testlib import FINISHED, PYTHON, REPO, SubmittedJob, job_info, read_text, submit, wait_finished, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.ray]
 
@@ -84,9 +84,39 @@ def test_submit_prints_job_id_and_log_path(jobs):
     assert job.log.parent.name == "logs"
 
 
+def test_ray_wait_names_missing_nodes_on_a_real_ray_cluster(jobs, job_tmp_base, monkeypatch):
+    """The waiter against a real one-node Ray (runs while the SLURM jobs start)."""
+    import ray
+
+    from grail_megatron.launch.ray_cluster import ClusterNotReady, Expectation, probe, wait_for_nodes
+
+    monkeypatch.setenv("SLURMD_NODENAME", "n1")  # inherited by the raylet and its workers
+    ray.init(num_cpus=1, resources={"slurm_node_n1": 1}, include_dashboard=False, log_to_driver=False,
+             object_store_memory=80 * 1024 * 1024, _temp_dir=str(job_tmp_base / "rw"))
+    try:
+        messages = []
+        with pytest.raises(ClusterNotReady, match=r"not ready after 1\.5 s: missing node\(s\): n2 \(joined: n1\)"):
+            wait_for_nodes(ray.nodes, Expectation(("n1", "n2")), timeout_s=1.5, poll_s=0.2,
+                           report=messages.append, report_every_s=0.5)
+        assert messages and all("missing node(s): n2" in m for m in messages)
+        with pytest.raises(ClusterNotReady, match="node n1 has 0/8 GPUs"):
+            wait_for_nodes(ray.nodes, Expectation(("n1",), gpus_per_node=8), timeout_s=0.3)
+        nodes = wait_for_nodes(ray.nodes, Expectation(("n1",), cpus_per_node=1), timeout_s=30)
+        result = probe(nodes, timeout_s=120)
+        assert result["n1"]["node_id"] == nodes["n1"].node_id
+        assert result["n1"]["slurm_node"] == "n1"
+    finally:
+        ray.shutdown()
+    import shutil
+
+    shutil.rmtree(job_tmp_base / "rw", ignore_errors=True)
+
+
 def test_ray_cluster_spans_both_nodes_and_runs_a_task_on_each(jobs, slurm_cluster):
     run: PreemptionRun = jobs["preempt"]
-    wait_for(lambda: run.ray_json.exists(), JOB_TIMEOUT_S, "the Ray cluster report")
+    wait_for(lambda: run.ray_json.exists() or job_info(slurm_cluster, run.job.job_id).get("JobState") in FINISHED,
+             JOB_TIMEOUT_S, "the Ray cluster report")
+    assert run.ray_json.exists(), read_text(run.job.log)
     report = json.loads(run.ray_json.read_text())
     assert sorted(report["nodes"]) == ["n1", "n2"]
     node_ids = {name: state["node_id"] for name, state in report["nodes"].items()}

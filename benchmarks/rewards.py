@@ -1,0 +1,255 @@
+"""Reward benchmarks: a table, measured in one run (``make bench`` or
+``.venv/bin/python benchmarks/rewards.py [--quick]``).
+
+* scores/s per family on the parity corpus, single process (GSM8K; MATH cold = first pass
+  with an empty cache, warm = later passes, as in GRPO where 16 rollouts repeat answers);
+* MBPP: the zygote pool against a plain one-subprocess-per-test baseline, same programs,
+  same parallelism, verdicts compared for equality;
+* worst-case wall time of one ``compute_score`` call over pathological inputs;
+* the issue's targets next to the measurements.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from grail_megatron.rewards import SandboxConfig, SandboxPool, compute_score
+from grail_megatron.rewards.mbpp import build_tests
+from grail_megatron.rewards.sympy_worker import default_checker
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "tests" / "rewards" / "data" / "grail_rewards_public.jsonl"
+
+# One subprocess per test: the same guard and exec semantics as the sandbox child, without
+# the zygote (fresh interpreter each time) and without namespaces; identical verdicts.
+BASELINE_CHILD = r"""
+import json, os, sys
+program = sys.stdin.read()
+from grail_megatron.rewards.privileges import Limits
+from grail_megatron.rewards.sandbox_child import _WriteOnlySink, _exit_code, _reference_guard
+out = os.dup(1)
+Limits(address_space=2 * 1024**3, open_files=64).apply()
+_reference_guard()
+sys.stdout = sys.stderr = _WriteOnlySink()
+sys.stdin = None
+try:
+    exec(program, {})
+    verdict = {"status": "success", "error": None}
+except SyntaxError as exc:
+    verdict = {"status": "syntax_error", "error": str(exc)}
+except Exception as exc:
+    verdict = {"status": "runtime_error", "error": f"{type(exc).__name__}: {exc}"}
+except BaseException as exc:
+    os._exit(_exit_code(exc))
+os.write(out, json.dumps(verdict).encode() + b"\n")
+os._exit(0)
+"""
+
+
+def _baseline_test(program: str, timeout: float) -> dict:
+    try:
+        done = subprocess.run([sys.executable, "-I", "-c", BASELINE_CHILD], input=program.encode(),
+                              capture_output=True, timeout=timeout, env={}, cwd="/tmp")
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout", "error": "Execution timed out"}
+    line = done.stdout.split(b"\n", 1)[0]
+    if line:
+        return json.loads(line)
+    return {"status": "process_error", "error": f"Process terminated unexpectedly (exit_code={done.returncode})"}
+
+
+# The GSM8K rules of DESIGN.md section 6 written the naive way (the reference's regexes,
+# no time bound, a float result, no components): the speed the issue's targets refer to,
+# measured on this machine in the same run.
+_NAIVE_THINK = re.compile(r"<start_working_out>.*?</end_working_out>", re.DOTALL | re.IGNORECASE)
+_NAIVE_SOLUTION = re.compile(r"<SOLUTION>\s*(.+?)\s*</SOLUTION>", re.DOTALL | re.IGNORECASE)
+_NAIVE_HASH = re.compile(r"####\s*(?P<ans>.+)")
+_NAIVE_NUMBER = re.compile(r"[-+]?\d+(?:[\.,]\d+)?")
+_NAIVE_NUMERIC = re.compile(r"^[-+]?[\d.,]+$")
+_NAIVE_TAIL = re.compile(r"[\s\.]+$")
+
+
+def naive_gsm8k(text: str, truth: str) -> float:
+    match = _NAIVE_SOLUTION.search(text)
+    answer, numeric, trailing = "", False, 0
+    if match:
+        inside = match.group(1).strip()
+        number = _NAIVE_NUMBER.search(inside)
+        if number:
+            answer = number.group(0).replace(",", "").strip()
+            numeric = bool(_NAIVE_NUMERIC.match(inside.replace(" ", "")))
+        trailing = len(text) - match.end()
+    golds = list(_NAIVE_HASH.finditer(truth))
+    if golds:
+        gold = golds[-1].group("ans").strip()
+    else:
+        numbers = list(_NAIVE_NUMBER.finditer(truth))
+        gold = numbers[-1].group(0).replace(",", "").strip() if numbers else ""
+    correct = _NAIVE_TAIL.sub("", answer.strip().lower()) == _NAIVE_TAIL.sub("", gold.strip().lower())
+    return ((0.6 if correct else 0.0) + (0.15 if match and numeric and trailing == 0 else 0.0)
+            + (0.1 if _NAIVE_THINK.search(text) else 0.0) + (0.1 if match else 0.0)
+            + (0.05 if trailing == 0 else 0.0))
+
+
+def naive_throughput(rows: list[dict], min_seconds: float) -> float:
+    count, start = 0, time.perf_counter()
+    while True:
+        for row in rows:
+            naive_gsm8k(row["solution_str"], row["ground_truth"])
+        count += len(rows)
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return count / elapsed
+
+
+def load(family: str) -> list[dict]:
+    rows = [json.loads(line) for line in CORPUS.read_text().splitlines() if line.strip()]
+    return [row for row in rows if row["family"] == family]
+
+
+def throughput(rows: list[dict], min_seconds: float, **kwargs) -> tuple[float, int]:
+    """Scores per second over repeated passes of ``rows`` (at least ``min_seconds``)."""
+    count, start = 0, time.perf_counter()
+    while True:
+        for row in rows:
+            compute_score(row["data_source"], row["solution_str"], row["ground_truth"], **kwargs)
+        count += len(rows)
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return count / elapsed, count
+
+
+def bench_text_families(min_seconds: float) -> list[tuple]:
+    gsm8k = load("gsm8k")
+    short = [row for row in gsm8k if len(row["solution_str"]) < 10_000]
+    math_rows = load("math")
+    default_checker().warmup()
+    start = time.perf_counter()
+    for row in math_rows:
+        compute_score(row["data_source"], row["solution_str"], row["ground_truth"])
+    math_cold = len(math_rows) / (time.perf_counter() - start)
+    math_warm, _ = throughput(math_rows, min_seconds)
+    gsm_all, _ = throughput(gsm8k, min_seconds)
+    gsm_short, _ = throughput(short, min_seconds)
+    naive_short = naive_throughput(short, min_seconds)
+    return [
+        ("GSM8K scores/s, whole corpus (incl. 100k-char completions)", gsm_all, ">= 100,000 (reference ~120,000)"),
+        (f"GSM8K scores/s, {len(short)} completions < 10k chars", gsm_short, ">= 100,000 (reference ~120,000)"),
+        ("GSM8K scores/s, naive reference-rules regex scorer (same rows, same run)", naive_short, "baseline"),
+        ("GSM8K ours / naive (bounded + full components vs float only)", gsm_short / naive_short, ">= 0.83 (100k/120k)"),
+        ("MATH scores/s, cold cache (first pass, incl. sympy timeouts)", math_cold, ">= 1,000 (reference ~400)"),
+        ("MATH scores/s, warm cache (repeated answers)", math_warm, ">= 1,000 (reference ~400)"),
+    ]
+
+
+def mbpp_programs() -> list[list[str]]:
+    """Test programs of every executed MBPP case except those that wait for a timeout."""
+    programs = []
+    for row in load("mbpp"):
+        components = row["components"]
+        if not components.get("executed") or components.get("exec_status") == "syntax_error":
+            continue
+        if "Execution timed out" in (components.get("test_errors") or []):
+            continue
+        from grail_megatron.rewards.extract import parse_completion
+
+        code = parse_completion(row["solution_str"]).inside
+        tests = build_tests(json.loads(row["ground_truth"]))
+        programs.append([f"{code}\n\n{test}" for test in tests])
+    return programs
+
+
+def bench_mbpp(workers: int, repeats: int) -> tuple[list[tuple], bool]:
+    programs = mbpp_programs() * repeats
+    with SandboxPool(workers=workers, config=SandboxConfig()) as pool:
+        pool.run(["pass"])  # both zygotes are up before the clock starts
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(workers) as executor:
+            pooled = list(executor.map(pool.run, programs))
+        pool_rate = len(programs) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(workers) as executor:
+        baseline = list(executor.map(lambda tests: [_baseline_test(t, 5.0) for t in tests], programs))
+    base_rate = len(programs) / (time.perf_counter() - start)
+    same = [[v["status"] for v in p] for p in pooled] == [[v["status"] for v in b] for b in baseline]
+    tests = sum(len(p) for p in programs)
+    rows = [
+        (f"MBPP programs/s, zygote pool ({workers} workers, {len(programs)} programs, {tests} tests)", pool_rate, ""),
+        (f"MBPP programs/s, one subprocess per test ({workers} in parallel)", base_rate, ""),
+        ("MBPP pool speed-up over the baseline", pool_rate / base_rate, ">= 8x (reference ~9 programs/s)"),
+    ]
+    return rows, same
+
+
+PATHOLOGICAL = [
+    ("gsm8k: unclosed <SOLUTION> + 100k spaces", "grail_gsm8k", "<SOLUTION>" + " " * 100_000, "#### 1"),
+    ("math: unclosed <SOLUTION> + 100k spaces", "grail_math", "<SOLUTION>" + " " * 100_000, "1"),
+    ("mbpp: unclosed <SOLUTION> + 100k spaces", "grail_mbpp", "<SOLUTION>" + " " * 100_000,
+     json.dumps({"test_list": ["assert True"]})),
+    ("gsm8k: 100k-char completion", "grail_gsm8k", "<SOLUTION>" + "7 " * 50_000 + "</SOLUTION>", "#### 7"),
+    ("gsm8k: 5000 unclosed thinking tags", "grail_gsm8k", "<start_working_out>" * 5_000, "#### 7"),
+    ("math: 10**10**10", "grail_math", "<SOLUTION>10**10**10</SOLUTION>", "1"),
+    ("math: factorial(10**9)", "grail_math", "<SOLUTION>factorial(10**9)</SOLUTION>", "2"),
+    ("math: 9**9**9**9", "grail_math", "<SOLUTION>9**9**9**9</SOLUTION>", "3"),
+    ("math: 150 nested parentheses ** 10**10", "grail_math",
+     "<SOLUTION>" + "(" * 150 + "x+1" + ")" * 150 + "**10**10</SOLUTION>", "4"),
+    ("math: 100k unary minus", "grail_math", "<SOLUTION>" + "-" * 100_000 + "1</SOLUTION>", "1"),
+    ("math: 100k-char answer", "grail_math", "<SOLUTION>" + "x+" * 50_000 + "1</SOLUTION>", "1"),
+]
+
+
+def bench_worst_case() -> list[tuple]:
+    default_checker().warmup()
+    rows = []
+    for name, source, text, truth in PATHOLOGICAL:
+        start = time.perf_counter()
+        result = compute_score(source, text, truth)
+        rows.append((name, time.perf_counter() - start, result["timed_out"]))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs (smoke check of the script)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    min_seconds = 0.5 if args.quick else 3.0
+    console = Console()
+
+    text_rows = bench_text_families(min_seconds)
+    mbpp_rows, same_verdicts = bench_mbpp(args.workers, repeats=1 if args.quick else 4)
+    worst = bench_worst_case()
+
+    table = Table(title=f"GRAIL rewards benchmark ({os.cpu_count()} CPUs, single process unless noted)")
+    table.add_column("measurement")
+    table.add_column("value", justify="right")
+    table.add_column("target")
+    for name, value, target in text_rows + mbpp_rows:
+        ratio = "speed-up" in name or " / " in name
+        table.add_row(name, f"{value:,.2f}x" if ratio else f"{value:,.1f}", target)
+    table.add_row("MBPP verdicts identical (pool vs baseline)", "yes" if same_verdicts else "NO", "identical")
+    table.add_row("worst-case compute_score wall time, s", f"{max(t for _, t, _ in worst):.3f}", "<= 1 s")
+    console.print(table)
+
+    detail = Table(title="pathological inputs (one call each, sympy worker warm)")
+    detail.add_column("input")
+    detail.add_column("wall s", justify="right")
+    detail.add_column("timed_out")
+    for name, seconds, timed_out in worst:
+        detail.add_row(name, f"{seconds:.3f}", str(timed_out))
+    console.print(detail)
+    return 0 if same_verdicts else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""``grail-megatron score``: score a JSONL of completions and summarise per data source.
+
+Each input line is a JSON object with ``data_source``, ``solution_str`` (or
+``completion``), ``ground_truth`` and optionally ``extra_info``. Prints a table of the
+mean reward and the mean of every numeric component per data source; ``--out`` writes
+one result per input line (atomically: a temp file renamed into place).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REQUIRED_KEYS = ("data_source", "ground_truth")
+CHUNK = 64  # rows scored per batch call: keeps the progress bar moving
+
+
+class InputError(ValueError):
+    """A problem with the input file, reported as ``path:line: message``."""
+
+
+@dataclass(frozen=True)
+class ScoreArgs:
+    input: Path
+    out: Path | None
+    workers: int | None
+    math_verify: bool
+    mbpp_timeout: float
+
+
+def _parse_args(argv: list[str]) -> ScoreArgs:
+    parser = argparse.ArgumentParser(
+        prog="grail-megatron score",
+        description="Score a JSONL of completions with GRAIL's rewards (GSM8K, MATH, MBPP).",
+    )
+    parser.add_argument("input", type=Path, help="JSONL: data_source, solution_str|completion, ground_truth, extra_info")
+    parser.add_argument("--out", type=Path, help="write per-row results as JSONL (atomic)")
+    parser.add_argument("--workers", type=int, default=None, help="parallel scorers / MBPP sandboxes (default: CPU count)")
+    parser.add_argument("--math-verify", action="store_true",
+                        help="use math-verify for MATH equivalence (departs from GRAIL parity)")
+    parser.add_argument("--mbpp-timeout", type=float, default=5.0, help="per-test MBPP timeout in seconds (default 5)")
+    ns = parser.parse_args(argv)
+    return ScoreArgs(ns.input, ns.out, ns.workers, ns.math_verify, ns.mbpp_timeout)
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Parse and validate every line first, so a bad line fails fast with its location."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            missing = [key for key in REQUIRED_KEYS if key not in row]
+            if "solution_str" not in row and "completion" not in row:
+                missing.append("solution_str (or completion)")
+            if missing:
+                raise InputError(f"{path}:{number}: missing key(s): {', '.join(missing)}")
+            rows.append({
+                "data_source": row["data_source"],
+                "solution_str": row["solution_str"] if "solution_str" in row else row["completion"],
+                "ground_truth": row["ground_truth"],
+                "extra_info": row.get("extra_info"),
+            })
+    if not rows:
+        raise InputError(f"{path}: no rows")
+    return rows
+
+
+def score_rows(rows: list[dict], args: ScoreArgs) -> list[dict]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from grail_megatron.rewards import SandboxConfig, SandboxPool, compute_score_batch
+
+    results: list[dict] = []
+    needs_sandbox = any("mbpp" in str(row["data_source"]).lower() for row in rows)
+    pool = SandboxPool(args.workers, SandboxConfig(timeout=args.mbpp_timeout)) if needs_sandbox else None
+    try:
+        with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=_console(stderr=True)) as progress:
+            task = progress.add_task("scoring", total=len(rows))
+            for start in range(0, len(rows), CHUNK):
+                chunk = rows[start : start + CHUNK]
+                results += compute_score_batch(chunk, max_workers=args.workers,
+                                               math_verify=args.math_verify, sandbox=pool)
+                progress.advance(task, len(chunk))
+    finally:
+        if pool is not None:
+            pool.close()
+    return results
+
+
+def _numeric(value: Any) -> float | None:
+    return float(value) if isinstance(value, bool | int | float) else None
+
+
+def summarize(rows: list[dict], results: list[dict]) -> dict[str, dict[str, float]]:
+    """data_source -> {"n": count, "score": mean, <component>: mean over rows that have it}."""
+    sums: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row, result in zip(rows, results, strict=True):
+        bucket = sums[str(row["data_source"])]
+        for key, value in result.items():
+            number = _numeric(value)
+            if number is not None:
+                bucket[key].append(number)
+    summary = {}
+    for source, columns in sorted(sums.items()):
+        means = {"n": float(len(columns["score"]))}
+        means.update({key: sum(values) / len(values) for key, values in columns.items()})
+        summary[source] = means
+    return summary
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+def print_summary(summary: dict[str, dict[str, float]]) -> None:
+    from rich.table import Table
+
+    table = Table(title="GRAIL rewards: mean per data source")
+    table.add_column("metric")
+    for source in summary:
+        table.add_column(source, justify="right")
+    metrics = ["n", "score"] + sorted({key for means in summary.values() for key in means} - {"n", "score"})
+    for metric in metrics:
+        cells = []
+        for means in summary.values():
+            value = means.get(metric)
+            cells.append("-" if value is None else (f"{int(value)}" if metric == "n" else f"{value:.4f}"))
+        table.add_row(metric, *cells)
+    _console().print(table)
+
+
+def write_results_atomically(path: Path, results: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            for result in results:
+                handle.write(json.dumps(result, ensure_ascii=False) + "\n")
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        rows = read_rows(args.input)
+    except InputError as exc:
+        print(f"grail-megatron score: {exc}", file=sys.stderr)
+        return 2
+    results = score_rows(rows, args)
+    print_summary(summarize(rows, results))
+    if args.out is not None:
+        write_results_atomically(args.out, results)
+        print(f"wrote {len(results)} results to {args.out}", file=sys.stderr)
+    return 0

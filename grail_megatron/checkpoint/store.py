@@ -232,8 +232,10 @@ def dist_load(state_dict: dict, directory: Path) -> dict:
 
     try:
         return dist_checkpointing.load(state_dict, str(directory), sharded_strategy=_load_strategy())
-    except CheckpointingException as exc:
-        raise CheckpointError(f"{directory}: {exc}") from exc
+    except (CheckpointingException, OSError, EOFError, RuntimeError, ValueError, KeyError) as exc:
+        # torch.distributed.checkpoint reports unreadable shard files as CheckpointException (a
+        # RuntimeError); name the directory so the caller can refuse this step and try another
+        raise CheckpointError(f"{directory}: cannot load ({type(exc).__name__}: {exc})") from exc
 
 
 # ----------------------------------------------------------------------------- save

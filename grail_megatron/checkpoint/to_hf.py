@@ -232,8 +232,13 @@ def convert_to_hf(
     hf_config_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    before_publish=None,
 ) -> ConversionReport:
-    """Write an HF folder for the model in `ckpt` (`.../global_step_N/actor` or `.../global_step_N`)."""
+    """Write an HF folder for the model in `ckpt` (`.../global_step_N/actor` or `.../global_step_N`).
+
+    `before_publish(tmp_dir)` runs on the finished temp folder before it is renamed to `out_dir`
+    (the CLI's --verify): if it raises, nothing is published.
+    """
     from tqdm import tqdm
 
     started = time.perf_counter()
@@ -278,6 +283,8 @@ def convert_to_hf(
         writer = None
         _write_config_and_tokenizer(hf_config, source, tmp, dtype)
         fsync_tree(tmp)
+        if before_publish is not None:
+            before_publish(tmp)
         if out_dir.exists():
             replace_dir(tmp, out_dir)
         else:

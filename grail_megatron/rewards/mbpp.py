@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from grail_megatron.rewards.extract import parse_completion
-from grail_megatron.rewards.sandbox import SandboxPool, default_pool
+from grail_megatron.rewards.sandbox import SandboxPool, SandboxUnavailable, default_pool
 
 
 def build_tests(test_data: dict) -> list[str]:
@@ -95,7 +95,11 @@ def score(solution_str: str, ground_truth: Any, *, pool: SandboxPool | None = No
         if tests:
             result["executed"] = True
             if syntax_valid:
-                verdicts = (pool or default_pool()).run([f"{code}\n\n{test}" for test in tests])
+                try:
+                    verdicts = (pool or default_pool()).run([f"{code}\n\n{test}" for test in tests])
+                except SandboxUnavailable as exc:  # never run model code unconfined
+                    verdicts = [{"status": "process_error", "error": str(exc)}] * len(tests)
+                    result["reason"] = str(exc)
                 summary = _execution_summary(verdicts)
             else:  # the reference checks syntax before running anything
                 summary = {"passed": 0, "total": len(tests), "exec_status": "syntax_error",

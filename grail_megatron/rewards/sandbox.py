@@ -106,15 +106,22 @@ class SandboxPool:
 
 
 _DEFAULT: SandboxPool | None = None
+_DEFAULT_ERROR: SandboxUnavailable | None = None
 _DEFAULT_LOCK = threading.Lock()
 
 
 def default_pool() -> SandboxPool:
     """The process-wide pool, started on first use: ``GRAIL_SANDBOX_WORKERS`` zygotes
     (default: the CPU count) with the default ``SandboxConfig``."""
-    global _DEFAULT
+    global _DEFAULT, _DEFAULT_ERROR
     with _DEFAULT_LOCK:
+        if _DEFAULT_ERROR is not None:  # do not pay a failing start on every call
+            raise _DEFAULT_ERROR
         if _DEFAULT is None:
-            _DEFAULT = SandboxPool(int(os.environ.get("GRAIL_SANDBOX_WORKERS", "0")) or None)
+            try:
+                _DEFAULT = SandboxPool(int(os.environ.get("GRAIL_SANDBOX_WORKERS", "0")) or None)
+            except SandboxUnavailable as exc:
+                _DEFAULT_ERROR = exc
+                raise
             atexit.register(_DEFAULT.close)
         return _DEFAULT

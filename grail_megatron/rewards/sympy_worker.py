@@ -138,11 +138,12 @@ class _Evaluator:
         return None if line is None else json.loads(line)
 
     def kill(self) -> None:
+        """SIGKILL without waiting: tearing down gigabytes of address space can take
+        seconds, which must not delay the reply; ``_Server`` reaps the pid later."""
         try:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        os.waitpid(self.pid, 0)
         os.close(self._to_child)
         os.close(self._from_child)
 
@@ -153,15 +154,26 @@ class _Server:
 
     def __init__(self) -> None:
         self._persistent = _Evaluator()
+        self._killed: list[int] = []
+
+    def _retire(self, evaluator: _Evaluator) -> None:
+        evaluator.kill()
+        self._killed.append(evaluator.pid)
+
+    def _reap(self) -> None:
+        for pid in list(self._killed):
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                self._killed.remove(pid)
 
     def handle(self, request: dict) -> dict:
+        self._reap()
         deadline = time.monotonic() + float(request["budget"])
         inert = request["op"] == "sympy" and _is_inert(request["pred"]) and _is_inert(request["gold"])
         evaluator = self._persistent if inert else _Evaluator()
         reply = evaluator.ask(request, deadline)
         broken = reply is None or reply.get("error") == "evaluator died"
         if broken or not inert:
-            evaluator.kill()
+            self._retire(evaluator)
         if broken and inert:
             self._persistent = _Evaluator()
         if reply is None:  # over budget: the reference would still be running
@@ -195,7 +207,8 @@ def _serve() -> None:  # pragma: no cover - exercised through SympyChecker in a 
         from grail_megatron.rewards.sandbox_child import private_mounts_with_import_paths
 
         private_mounts_with_import_paths(sys.path)
-    Limits(open_files=64).apply()
+    # 1 GiB is far beyond what real answers need, and bounds what a kill must tear down.
+    Limits(address_space=1024**3, open_files=64).apply()
     drop_to()
     server = _Server()
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
@@ -207,8 +220,14 @@ def _serve() -> None:  # pragma: no cover - exercised through SympyChecker in a 
 
 
 # --------------------------------------------------------------------------- client side
+_DYING: list[subprocess.Popen] = []
+
+
 class _Worker:
     def __init__(self, math_verify: bool) -> None:
+        for proc in list(_DYING):
+            if proc.poll() is not None:
+                _DYING.remove(proc)
         argv = [sys.executable, "-I", "-m", "grail_megatron.rewards.sympy_worker"]
         if math_verify:
             argv.append("--math-verify")
@@ -253,7 +272,7 @@ class _Worker:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        self.proc.wait()
+        _DYING.append(self.proc)  # reaped later: teardown of a huge process takes a while
         for stream in (self.proc.stdin, self.proc.stdout):
             try:
                 stream.close()

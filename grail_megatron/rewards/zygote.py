@@ -167,6 +167,11 @@ _STATUSES = {"success", "syntax_error", "runtime_error", "process_error", "timeo
 def main() -> None:  # pragma: no cover - runs as the zygote process
     from grail_megatron.rewards.privileges import isolate_network
 
+    if os.geteuid() != 0:
+        # Per-test PID/mount namespaces, setns back, and the switch to an unprivileged uid
+        # (which is what makes RLIMIT_NPROC bite) all need real root.
+        sys.stderr.write("the MBPP sandbox must be started as root (it runs each test as nobody)\n")
+        sys.exit(1)
     config = SandboxConfig(**json.loads(sys.argv[1]))
     _preload()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool owner decides when we stop

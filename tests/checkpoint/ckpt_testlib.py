@@ -83,13 +83,18 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
 
 def tiny_hf_model(out_dir: Path, arch: str = "qwen2", tie: bool = True, kv_heads: int = 2,
                   layers: int = 4, dtype: str = "float32", tokenizer_dir: Path | None = None) -> Path:
-    """A random-init tiny HF model folder built with the project's own tiny-model maker."""
+    """A random-init tiny HF model folder built with the project's own tiny-model maker.
+
+    The tokenizer has an odd vocabulary (321 BPE tokens + 4 GRAIL tags = 325), so TP=2 pads
+    the Megatron vocabulary and the converter has to trim it.
+    """
     from grail_megatron.models.tiny import make_tiny_model, train_tokenizer
 
     if tokenizer_dir is None:
         tokenizer_dir = out_dir.parent / "tokenizer"
         if not tokenizer_dir.exists():
-            texts = [f"Question: what is {a} + {b}? <answer>{a + b}</answer>" for a in range(20) for b in range(20)]
-            train_tokenizer(texts, tokenizer_dir)
+            texts = [f"Question: what is {a} + {b}? <answer>{a + b}</answer> The capital of France is Paris."
+                     for a in range(20) for b in range(20)]
+            train_tokenizer(texts, tokenizer_dir, vocab_size=321)
     return make_tiny_model(out_dir, arch=arch, tie_word_embeddings=tie, tokenizer_dir=tokenizer_dir,
                            kv_heads=kv_heads, layers=layers, dtype=dtype, heads=4, hidden=64)

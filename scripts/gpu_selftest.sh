@@ -12,7 +12,7 @@
 #   tp2_te_vs_local TP2 forward: Transformer Engine layer spec vs local spec vs Hugging Face
 #   data            GSM8K fixture parquet files (grail-megatron prepare-data --source fixtures)
 #   grpo_2_steps    two GRPO steps through verl 0.9.1 with the vLLM rollout (grail-megatron train)
-#   convert_to_hf   the step-2 checkpoint to a Hugging Face folder (grail-megatron convert to-hf)
+#   convert_to_hf   the step-2 checkpoint to a Hugging Face folder, logits verified (convert to-hf)
 #   hf_export       the converted folder loads in transformers and generates with vLLM
 #
 # This part is verified by users on GPU nodes, not in CI (CI has no GPU). `--cpu` runs the checks
@@ -153,7 +153,7 @@ else
   run_check tp2_te_vs_local "gpus tiny_model" -- torchrun_n "${HELPERS}/tp2_spec_parity.py" --model-dir "${MODEL}" --specs te local
   run_check data "" -- grail-megatron prepare-data --dataset gsm8k --source fixtures --out "${DATA}" --no-progress
   run_check grpo_2_steps "gpus tiny_model data" -- check_grpo
-  run_check convert_to_hf "grpo_2_steps" -- grail-megatron convert to-hf "${CKPT}/global_step_2" "${HF_OUT}"
+  run_check convert_to_hf "grpo_2_steps" -- grail-megatron convert to-hf --ckpt "${CKPT}/global_step_2/actor" --out "${HF_OUT}" --verify
   run_check hf_export "convert_to_hf" -- "${PYTHON}" "${HELPERS}/check_hf_export.py" --hf-dir "${HF_OUT}" --initial-dir "${MODEL}"
   checks=("${CHECKS_GPU[@]}")
 fi

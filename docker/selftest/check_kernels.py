@@ -63,10 +63,11 @@ def check_megatron_fused() -> str:
     from megatron.core.extensions import transformer_engine as mcore_te
     from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
     from megatron.core.optimizer import clip_grads
+    from megatron.core.utils import local_multi_tensor_applier
 
     assert mcore_te.HAVE_TE, "megatron-core does not see Transformer Engine"
     # with TE or Apex present the optimizer uses their fused multi-tensor kernels
-    assert "local_multi_tensor" not in clip_grads.multi_tensor_applier.__name__, clip_grads.multi_tensor_applier
+    assert clip_grads.multi_tensor_applier is not local_multi_tensor_applier, "unfused multi-tensor fallback"
     x = torch.randn(4, 64, device="cuda")
     a, b = x.chunk(2, dim=-1)
     assert torch.allclose(bias_swiglu_impl(x, None), torch.nn.functional.silu(a) * b, atol=1e-5)

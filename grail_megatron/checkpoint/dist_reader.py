@@ -80,6 +80,7 @@ class DistCheckpointReader:
         """Load several (key, layer) pieces in one pass; layer=None reads the whole tensor."""
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint import load as dcp_load
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
         if len({key for key, _ in requests}) != len(requests):
             raise ValueError("one read per key and call")
@@ -97,7 +98,7 @@ class DistCheckpointReader:
         try:
             dcp_load(state, storage_reader=FileSystemReader(str(self.directory)), planner=_slice_planner(offsets),
                      no_dist=True)
-        except Exception as exc:  # noqa: BLE001 - truncated/missing shard files surface here
+        except (Exception, CheckpointException) as exc:  # noqa: BLE001 - truncated/missing shard files
             names = ", ".join(f"{k}[{layer}]" if layer is not None else k for k, layer in requests[:3])
             raise CheckpointError(f"{self.directory}: reading {names} failed: {type(exc).__name__}: {exc}") from exc
         return {(key, layer): state[key] if layer is None else state[key][0] for key, layer in requests}

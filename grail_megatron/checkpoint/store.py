@@ -229,10 +229,11 @@ def dist_save(state_dict: dict, directory: Path) -> None:
 def dist_load(state_dict: dict, directory: Path) -> dict:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     try:
         return dist_checkpointing.load(state_dict, str(directory), sharded_strategy=_load_strategy())
-    except (CheckpointingException, OSError, EOFError, RuntimeError, ValueError, KeyError) as exc:
+    except (CheckpointingException, CheckpointException, OSError, EOFError, RuntimeError, ValueError, KeyError) as exc:
         # torch.distributed.checkpoint reports unreadable shard files as CheckpointException (a
         # RuntimeError); name the directory so the caller can refuse this step and try another
         raise CheckpointError(f"{directory}: cannot load ({type(exc).__name__}: {exc})") from exc

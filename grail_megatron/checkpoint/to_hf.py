@@ -78,8 +78,9 @@ def load_hf_config(actor: ActorPaths, hf_config_dir: str | os.PathLike | None):
         )
     try:
         config = AutoConfig.from_pretrained(str(source))
-    except (ValueError, KeyError, OSError) as exc:
-        raise UnsupportedModelError(f"{source}/config.json: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad config
+        kind = UnsupportedModelError if "model_type" in str(exc) or isinstance(exc, KeyError) else CheckpointError
+        raise kind(f"{source}/config.json: cannot load ({type(exc).__name__}: {exc})") from exc
     check_supported(config)
     return config, source
 
@@ -140,6 +141,7 @@ def plan_units(reader: DistCheckpointReader, mapper: _Mapper, hf_config) -> list
         else:
             grouped[key] = (key,)
     num_layers = int(hf_config.num_hidden_layers)
+    dtype = output_dtype(reader)
     units = []
     for base, reads in sorted(grouped.items()):
         stored = [reader.tensors[k] for k in reads]
@@ -159,9 +161,21 @@ def plan_units(reader: DistCheckpointReader, mapper: _Mapper, hf_config) -> list
                 produced = mapper(name, torch.empty(shape, dtype=stored[0].dtype, device="meta"))
             except (NotImplementedError, AssertionError, RuntimeError) as exc:
                 raise UnsupportedModelError(f"{reader.directory}: cannot map checkpoint tensor {name}: {exc}") from exc
-            outputs = tuple(TensorSpec(n, tuple(t.shape), t.dtype) for n, t in produced)
+            outputs = tuple(TensorSpec(n, tuple(t.shape), dtype) for n, t in produced)
             units.append(_Unit(name, reads, layer, outputs))
     return units
+
+
+def output_dtype(reader: DistCheckpointReader) -> torch.dtype:
+    """The checkpoint's parameter dtype (the embedding's): every HF tensor is written in it.
+
+    Megatron's local layer spec keeps RMSNorm weights in fp32 even in a bf16 model; HF keeps one
+    dtype per model, so those are cast (bf16 stays bf16).
+    """
+    embedding = reader.tensors.get("embedding.word_embeddings.weight")
+    if embedding is None:
+        raise CheckpointError(f"{reader.directory}: no embedding.word_embeddings.weight (not a GPT model checkpoint?)")
+    return embedding.dtype
 
 
 def expected_hf_tensors(hf_config) -> dict[str, tuple[int, ...]]:
@@ -181,7 +195,11 @@ def check_against_config(units: list[_Unit], hf_config, source: Path) -> list[Te
     for unit in units:
         for spec in unit.outputs:
             if spec.name in specs:
-                raise CheckpointError(f"{source}: two checkpoint tensors map to {spec.name} (tied/untied mismatch?)")
+                tied = getattr(hf_config, "tie_word_embeddings", None)
+                raise CheckpointError(
+                    f"{source}: two checkpoint tensors map to {spec.name}: config.json says "
+                    f"tie_word_embeddings={tied} but the checkpoint stores a separate output layer"
+                )
             specs[spec.name] = spec
     expected = expected_hf_tensors(hf_config)
     missing = sorted(set(expected) - set(specs))
@@ -275,7 +293,7 @@ def convert_to_hf(
                     parts = [pieces.pop((key, unit.layer)) for key in unit.reads]
                     full = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
                     for name, tensor in mapper(unit.mcore_name, full):
-                        writer.write(name, tensor)
+                        writer.write(name, tensor.to(dtype))
                         bar.update(tensor.numel() * tensor.element_size())
                 del pieces
         bar.close()

@@ -57,8 +57,15 @@ def configured_section(plan: Plan) -> str:
             ["offload", "rollout", "actor log-prob", "ref log-prob", "train", "peak", "fits"],
             [[p.offload, _g(p.rollout), _g(p.actor_log_prob), _g(p.ref_log_prob) if plan.ref else "-", _g(p.train),
               _g(p.peak), "yes" if p.peak <= inp.cluster.gpu_memory_gib else "NO"] for p in plan.phases]))
-        parts.append("least offload that fits: " + (plan.chosen_offload or "none of them (see fixes)"))
+        parts.append("configured actor offload: " + _configured(plan) + "; least offload that fits: "
+                     + (plan.chosen_offload or "none of them (see fixes)"))
     return "\n".join(parts)
+
+
+def _configured(plan: Plan) -> str:
+    from grail_megatron.config.planner import configured_offload
+
+    return configured_offload(plan.input.actor)
 
 
 def memory_breakdown(plan: Plan) -> str:

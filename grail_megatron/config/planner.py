@@ -275,11 +275,14 @@ def check_train_layout(model: ModelSpec, cluster: ClusterSpec, layout: TrainLayo
         problems.append(Problem(pp_key, f"world size {cluster.world_size} is not divisible by TP x PP = {tp}x{pp}",
                                 f"with TP={tp} use PP in {{{_join(ok)}}}"))
     if model.num_layers % (pp * vpp):
-        good_pp = valid_pp_values(model, cluster, min(tp, cluster.world_size), vpp) if cluster.world_size % tp == 0 else []
-        what = f"PP x VPP = {pp}x{vpp}" if vpp > 1 else f"PP={pp}"
-        problems.append(Problem(pp_key if vpp == 1 else vpp_key,
-                                f"num_layers={model.num_layers} is not divisible by {what}",
-                                f"use PP in {{{_join(good_pp)}}}" + (f" (with VPP={vpp})" if vpp > 1 else "")))
+        if vpp > 1:
+            good_vpp = [v for v in range(2, model.num_layers // max(pp, 1) + 1) if model.num_layers % (pp * v) == 0]
+            problems.append(Problem(vpp_key, f"num_layers={model.num_layers} is not divisible by PP x VPP = {pp}x{vpp}",
+                                    f"with PP={pp} use VPP in {{{_join(good_vpp)}}} or null"))
+        else:
+            good_pp = valid_pp_values(model, cluster, tp) if cluster.world_size % tp == 0 else []
+            problems.append(Problem(pp_key, f"num_layers={model.num_layers} is not divisible by PP={pp}",
+                                    f"use PP in {{{_join(good_pp)}}}"))
     if vpp > 1 and pp == 1:
         problems.append(Problem(vpp_key, f"VPP={vpp} needs pipeline parallelism but PP=1", f"set {vpp_key}=null or PP>1"))
     return problems
@@ -445,11 +448,9 @@ def rollout_memory(model: ModelSpec, cluster: ClusterSpec, batch: BatchSpec, lay
                          concurrent_sequences=kv_tokens // max(1, batch.seq_len))
 
 
-def _offloaded(layout: TrainLayout, offload: str) -> tuple[bool, bool]:
-    """(params+grads offloaded, optimizer offloaded) for a layout under an offload level."""
-    params_off = layout.param_offload or offload == "param+grad+optimizer"
-    optim_off = layout.optimizer_offload or offload in ("optimizer", "param+grad+optimizer")
-    return params_off, optim_off
+def _offloaded(offload: str) -> tuple[bool, bool]:
+    """(params+grads offloaded, optimizer offloaded) under an actor offload level."""
+    return offload == "param+grad+optimizer", offload in ("optimizer", "param+grad+optimizer")
 
 
 def phase_peaks(inp: PlanInput, actor: TrainMemory, ref: TrainMemory | None, rollout: RolloutMemory,
@@ -460,7 +461,7 @@ def phase_peaks(inp: PlanInput, actor: TrainMemory, ref: TrainMemory | None, rol
     processes = 2 if (inp.ref is not None and inp.ref_in_own_processes) else 1
     overhead = PROCESS_OVERHEAD_GIB + (processes - 1) * 1.0
     sleeping = VLLM_SLEEP_RESIDUAL_GIB + overhead
-    params_off, optim_off = _offloaded(inp.actor, offload)
+    params_off, optim_off = _offloaded(offload)
     grads = actor.grads
     actor_idle = (0.0 if params_off else actor.weights + grads) + (0.0 if optim_off else actor.optimizer)
     ref_idle = ref.weights if (ref is not None and inp.ref is not None and not inp.ref.param_offload) else 0.0
@@ -527,7 +528,7 @@ def plan(inp: PlanInput) -> Plan:
             phases.append(phase_peaks(inp, actor.memory, ref.memory if ref else None, rollout.memory, level))
         fitting = [p for p in phases if p.peak <= budget]
         chosen = fitting[0].offload if fitting else None
-        configured = _configured_offload(inp.actor)
+        configured = configured_offload(inp.actor)
         configured_peak = next(p for p in phases if p.offload == configured)
         if configured_peak.peak > budget:
             problems.append(_memory_problem(inp, configured_peak, chosen))
@@ -535,7 +536,7 @@ def plan(inp: PlanInput) -> Plan:
                 problems=problems)
 
 
-def _configured_offload(layout: TrainLayout) -> str:
+def configured_offload(layout: TrainLayout) -> str:
     if layout.param_offload:
         return "param+grad+optimizer"
     return "optimizer" if layout.optimizer_offload else "none"

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[ray] ERROR: {exc}", file=sys.stderr, flush=True)
         return EXIT_NOT_READY
     summary = ", ".join(f"{n.name}: {n.cpus:g} CPU {n.gpus:g} GPU" for n in nodes.values())
-    print(f"[ray] cluster ready after {time.monotonic() - start:.1f} s: {len(nodes)} nodes ({summary})", flush=True)
+    print(f"[ray] cluster ready after {time.monotonic() - start:.1f} s: {len(nodes)} node(s) ({summary})", flush=True)
     out = {"nodes": {name: asdict(state) for name, state in nodes.items()}}
     code = 0
     if args.probe:

@@ -155,7 +155,8 @@ def grpo_loss(log_prob: torch.Tensor, data: dict, verl_config, batch_num_tokens:
     return loss, metrics
 
 
-# metrics summed over micro batches (each is a share of a global mean); the rest are averaged
+# Summed over micro batches (each micro batch holds its share of the mini batch's token-mean);
+# the other per-micro-batch statistics are averaged, as verl aggregates them.
 _SUMMED = ("actor/pg_loss", "actor/kl_loss")
 
 
@@ -183,8 +184,7 @@ class MegatronActor:
         models = bridge.build_models(wrap_with_ddp=trainable)
         bridge.load_hf_weights(models, hf_dir)
         if trainable:
-            # DDP keeps fp32 copies of nothing here (fp32 params), but its grad buffers need the
-            # loaded weights broadcast to all data-parallel replicas.
+            # every data-parallel replica starts from exactly the same weights
             for m in models:
                 m.broadcast_params()
         for m in models:
@@ -309,13 +309,14 @@ class MegatronActor:
         self.optimizer.zero_grad()
         outputs = run_micro_batches(self.models, micro, self.bridge.vocab_size, loss_fn=loss_fn,
                                     forward_only=False, temperature=self.config.temperature)
+        lr = self.lr  # the learning rate this step uses (reported as actor/lr)
         updated, grad_norm, _ = self.optimizer.step()
         if updated:
             self.scheduler.step(increment=1)
         metrics = _reduce_micro_metrics(outputs)
         metrics = _dp_mean(metrics)
         metrics["actor/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        metrics["actor/lr"] = self.lr
+        metrics["actor/lr"] = lr
         return metrics
 
     # ----------------------------------------------------------------- weights

@@ -218,6 +218,11 @@ class Bridge:
             models.append(model)
         if self._mb.padded_vocab_size != self.padded_vocab_size:
             raise AssertionError("vocab padding disagrees with mbridge")
+        if self.config.dtype in (torch.bfloat16, torch.float16):
+            # Megatron's half-precision recipe: the wrapper casts inputs and fp32 outputs
+            from megatron.core.transformer.module import Float16Module
+
+            models = [Float16Module(self.transformer_config, m) for m in models]
         if wrap_with_ddp:
             models = self._wrap_ddp(models, ddp_config)
         return models
@@ -258,6 +263,30 @@ class Bridge:
                     continue
                 seen.add(name)
                 yield name, tensor
+
+    def update_hf_model(self, hf_model: torch.nn.Module, models) -> int:
+        """Copy the Megatron weights into an HF model in place (the rollout model refresh).
+
+        Collective. Every exported tensor must match a parameter of `hf_model` by name and
+        shape, and every HF parameter must be covered (a tied lm_head shares the embedding's
+        storage). Returns the number of tensors copied.
+        """
+        params = dict(hf_model.named_parameters(remove_duplicate=False))
+        covered = set()
+        with torch.no_grad():
+            for name, tensor in self.export_hf_weights(models):
+                if name not in params:
+                    raise KeyError(f"exported weight {name!r} is not a parameter of the HF model")
+                target = params[name]
+                if target.shape != tensor.shape:
+                    raise ValueError(f"{name}: HF shape {tuple(target.shape)} != exported "
+                                     f"{tuple(tensor.shape)}")
+                target.copy_(tensor.to(target.device, target.dtype))
+                covered.add(target.data_ptr())
+        missing = [n for n, p in params.items() if p.data_ptr() not in covered]
+        if missing:
+            raise KeyError(f"HF parameters not exported: {missing[:5]} ({len(missing)} in all)")
+        return len(covered)
 
     def export_state_dict(self, models) -> dict[str, torch.Tensor]:
         """All HF tensors as a dict (cloned, on CPU)."""

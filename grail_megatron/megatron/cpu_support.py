@@ -33,6 +33,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _applied: set[str] = set()
+_suspended: set[str] = set()  # removed for the moment by `without`
 _mode: TorchFunctionMode | None = None
 
 
@@ -166,9 +167,10 @@ def enable_cpu_support(skip: Iterable[str] = ()) -> list[str]:
     if unknown:
         raise ValueError(f"unknown CPU adjustments {sorted(unknown)}; known: {list(NAMES)}")
     for adjustment in ADJUSTMENTS:
-        if adjustment.name not in skip and adjustment.name not in _applied:
-            adjustment.apply()
-            _applied.add(adjustment.name)
+        if adjustment.name in skip or adjustment.name in _applied or adjustment.name in _suspended:
+            continue
+        adjustment.apply()
+        _applied.add(adjustment.name)
     return sorted(_applied)
 
 
@@ -189,9 +191,11 @@ def without(name: str):
     if was_applied:
         _BY_NAME[name].revert()
         _applied.discard(name)
+    _suspended.add(name)  # a nested enable_cpu_support() must not bring it back
     try:
         yield
     finally:
+        _suspended.discard(name)
         if was_applied:
             _BY_NAME[name].apply()
             _applied.add(name)

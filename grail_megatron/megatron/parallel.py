@@ -98,7 +98,8 @@ def seed_everything(seed: int) -> None:
     seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)
     torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not has_gpu())
+    # force_reset_rng: a re-initialisation (other TP/PP) must rebuild the tracker, too
+    model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not has_gpu(), force_reset_rng=True)
 
 
 def destroy() -> None:

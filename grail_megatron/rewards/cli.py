@@ -39,12 +39,15 @@ def _parse_args(argv: list[str]) -> ScoreArgs:
         prog="grail-megatron score",
         description="Score a JSONL of completions with GRAIL's rewards (GSM8K, MATH, MBPP).",
     )
-    parser.add_argument("input", type=Path, help="JSONL: data_source, solution_str|completion, ground_truth, extra_info")
+    parser.add_argument("input", type=Path,
+                        help="JSONL: data_source, solution_str|completion, ground_truth, extra_info")
     parser.add_argument("--out", type=Path, help="write per-row results as JSONL (atomic)")
-    parser.add_argument("--workers", type=int, default=None, help="parallel scorers / MBPP sandboxes (default: CPU count)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="parallel scorers / MBPP sandboxes (default: CPU count)")
     parser.add_argument("--math-verify", action="store_true",
                         help="use math-verify for MATH equivalence (departs from GRAIL parity)")
-    parser.add_argument("--mbpp-timeout", type=float, default=5.0, help="per-test MBPP timeout in seconds (default 5)")
+    parser.add_argument("--mbpp-timeout", type=float, default=5.0,
+                        help="per-test MBPP timeout in seconds (default 5)")
     ns = parser.parse_args(argv)
     return ScoreArgs(ns.input, ns.out, ns.workers, ns.math_verify, ns.mbpp_timeout)
 

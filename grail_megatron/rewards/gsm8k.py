@@ -33,6 +33,8 @@ def parse_gold(raw: str | None) -> str:
 def normalize(answer: str) -> str:
     """``re.sub(r"[\\s\\.]+$", "", s.strip().lower())`` without the quadratic regex."""
     s = answer.strip().lower()
+    if not s or (s[-1] != "." and not s[-1].isspace()):
+        return s  # the common case: nothing to trim
     end = len(s)
     while end and (s[end - 1] == "." or s[end - 1].isspace()):
         end -= 1

@@ -30,9 +30,10 @@ def normalize(answer: str) -> str:
 
 
 def _cannot_parse(text: str) -> bool:
-    """A backslash outside a string literal is a tokenizer error, so parse_expr raises
-    before evaluating anything; skipping the worker then gives the same "not equal"."""
-    return "\\" in text and "'" not in text and '"' not in text
+    """A backslash outside a string literal or comment is a tokenizer error, so parse_expr
+    raises before evaluating anything; skipping the worker then gives the same "not equal".
+    (Whitespace is gone after normalisation, so it cannot be a line continuation.)"""
+    return "\\" in text and not any(char in text for char in "'\"#")
 
 
 def _float_close(pred: str, gold: str) -> bool:

@@ -359,10 +359,11 @@ _DEFAULT_LOCK = threading.Lock()
 
 
 def default_checker() -> SympyChecker:
+    """The process-wide checker; its budget (seconds) comes from ``GRAIL_SYMPY_BUDGET``."""
     global _DEFAULT
     with _DEFAULT_LOCK:
         if _DEFAULT is None:
-            _DEFAULT = SympyChecker()
+            _DEFAULT = SympyChecker(budget=float(os.environ.get("GRAIL_SYMPY_BUDGET", "0.5")))
             import atexit
 
             atexit.register(_DEFAULT.close)

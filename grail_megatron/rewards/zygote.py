@@ -2,9 +2,9 @@
 
 Started once per pool slot (``python -I -m grail_megatron.rewards.zygote``) with an empty
 environment. It imports what test programs commonly need, moves itself into a private
-network namespace, and then serves requests ``{"program": [...tests], ...}`` as JSON lines
-on stdin. It never runs model code itself, so its state stays clean; every test gets a
-fresh fork that:
+network namespace, and then serves JSON-line requests on stdin,
+``{"programs": [code + test, ...], "timeout": seconds}``, one verdict per program. It
+never runs model code itself, so its state stays clean; every test gets a fresh fork that:
 
 * is PID 1 of a new PID namespace: SIGKILLing it kills everything the test started, even
   processes that called setsid (a hard kill of the whole tree, fork bombs included);
@@ -109,6 +109,7 @@ class Zygote:
     def _start(self, program: str) -> _RunningTest:
         read_end, write_end = os.pipe()
         os.unshare(os.CLONE_NEWPID)  # the next child is PID 1 of a fresh namespace
+        pid = -1
         try:
             pid = os.fork()
             if pid == 0:  # pragma: no cover - child

@@ -2,6 +2,7 @@
 # Shared helpers of train.sbatch and ray_node.sh (sourced, never executed).
 # Settings come from GM_* environment variables (see docs/slurm.md); submit.sh sets them.
 
+# shellcheck disable=SC2034  # used by the scripts that source this file
 EXIT_PREEMPTED=75   # payload protocol: checkpoint saved after SIGUSR1/SIGTERM, run me again
 
 gm_log() { printf '[gm-slurm %s %s] %s\n' "$(date +%H:%M:%S)" "${SLURMD_NODENAME:-$(hostname -s)}" "$*"; }

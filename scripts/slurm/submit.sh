@@ -60,7 +60,7 @@ while [ $# -gt 0 ]; do
     -t | --time) need "$@"; time_limit=$2; shift 2 ;;
     -J | --job-name) need "$@"; name=$2; shift 2 ;;
     --trainer) need "$@"; trainer=$2; shift 2 ;;
-    --command) need "$@"; command=$2; trainer=command; shift 2 ;;
+    --command) need "$@"; command=$2; trainer="command"; shift 2 ;;
     --container) need "$@"; container=$2; shift 2 ;;
     --image) need "$@"; image=$2; shift 2 ;;
     --mounts) need "$@"; mounts=$2; shift 2 ;;
@@ -113,7 +113,7 @@ sbatch_args+=("${extra[@]}")
 # arguments (the Hydra overrides) survive requeues unchanged.
 export GM_REPO=$repo GM_TRAINER=$trainer GM_CONTAINER=$container GM_IMAGE=$image
 export GM_CONTAINER_MOUNTS=$mounts GM_GPUS_PER_NODE=$gpus GM_MAX_REQUEUES=$max_requeues
-export GM_RAY=$ray GM_RAY_WAIT_S=$ray_wait
+export GM_RAY=$ray GM_RAY_WAIT_S=$ray_wait GM_SIGNAL_SECS=$signal_secs
 [ -n "$command" ] && export GM_COMMAND=$command
 [ -n "$python" ] && export GM_PYTHON=$python
 [ -n "$ifname" ] && export GM_SOCKET_IFNAME=$ifname

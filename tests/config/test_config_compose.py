@@ -111,8 +111,9 @@ def test_reward_path_loads_the_way_verl_loads_it():
     good = "<start_working_out>6 x 7</end_working_out><SOLUTION>42</SOLUTION>"
     result = wrapped(data_source="grail_gsm8k", solution_str=good, ground_truth="#### 42", extra_info={})
     assert result["score"] == pytest.approx(1.0)
+    # GRAIL's GSM8K rule: without tags only the "nothing trailing" term (0.05) is earned
     assert wrapped(data_source="grail_gsm8k", solution_str="no tags", ground_truth="#### 42",
-                   extra_info={})["score"] == pytest.approx(0.0)
+                   extra_info={})["score"] == pytest.approx(0.05)
 
 
 def test_compose_from_any_cwd_and_repeatedly(tmp_path, monkeypatch):

@@ -96,7 +96,9 @@ def test_kernel_check_uses_real_megatron_names():
     from megatron.core.optimizer import clip_grads
 
     assert isinstance(mcore_te.HAVE_TE, bool) and not mcore_te.HAVE_TE  # no TE here; the check asserts True
-    assert clip_grads.multi_tensor_applier.__name__ == "local_multi_tensor_applier"  # what it rejects
+    from megatron.core.utils import local_multi_tensor_applier
+
+    assert clip_grads.multi_tensor_applier is local_multi_tensor_applier  # the fallback the check rejects
     kernels = load_helper("check_kernels")
     assert list(kernels.CHECKS) == ["torch_cuda", "apex", "transformer_engine", "flash_attn",
                                     "megatron_fused", "megatron_patches", "vllm_import"]
@@ -137,25 +139,28 @@ def test_every_project_command_it_calls_exists(command):
         assert flag in done.stdout, f"{flag} is not an option of grail-megatron {' '.join(command)}"
 
 
-def test_grpo_overrides_compose_and_pass_verls_validator():
-    from omegaconf import OmegaConf
-    from verl.trainer.ppo.utils import need_reference_policy
-    from verl.utils.config import validate_config
-
-    from grail_megatron.config import compose
+def test_grpo_run_passes_the_trainers_dry_run():
+    """`grail-megatron train --dry-run` with the self-test's overrides: our composition, the
+    planner and verl's validate_config all accept the two-step run; the resolved config is it."""
+    import yaml
 
     done = run_script("--print-grpo-overrides", env={"GRAIL_SELFTEST_DIR": "/work/selftest"})
     assert done.returncode == 0, done.stderr
     overrides = done.stdout.split()
-    assert "actor_rollout_ref.rollout.name=vllm" in overrides and "trainer.total_training_steps=2" in overrides
-    config = compose(overrides)
-    OmegaConf.resolve(config)
-    assert config.trainer.n_gpus_per_node == 2 and config.trainer.save_freq == 2
-    assert config.actor_rollout_ref.actor.megatron.tensor_model_parallel_size == 2
-    assert list(config.data.train_files) == ["/work/selftest/data/gsm8k/train.parquet"]
-    assert config.actor_rollout_ref.model.path == "/work/selftest/tiny_model"
-    assert not need_reference_policy(config)  # GRAIL: no KL, no reference model
-    validate_config(config, use_reference_policy=False, use_critic=False)
+    exe = Path(sys.executable).parent / "grail-megatron"
+    dry = subprocess.run([str(exe), "train", "--dry-run", *overrides], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
+    assert "RESULT: the configured run passes every check." in dry.stdout
+    assert "verl validate_config: passed" in dry.stdout
+    resolved = yaml.safe_load(dry.stdout.split("# resolved config\n", 1)[1].split("\n# plan\n", 1)[0])
+    trainer, rollout = resolved["trainer"], resolved["actor_rollout_ref"]["rollout"]
+    assert (trainer["total_training_steps"], trainer["save_freq"], trainer["n_gpus_per_node"]) == (2, 2, 2)
+    assert trainer["default_local_dir"] == "/work/selftest/checkpoints"
+    assert (rollout["name"], rollout["n"]) == ("vllm", 2)
+    assert resolved["actor_rollout_ref"]["actor"]["megatron"]["tensor_model_parallel_size"] == 2
+    assert resolved["actor_rollout_ref"]["model"]["path"] == "/work/selftest/tiny_model"
+    assert list(resolved["data"]["train_files"]) == ["/work/selftest/data/gsm8k/train.parquet"]
 
 
 def test_tiny_model_matches_the_tiny_preset():

@@ -168,11 +168,12 @@ def test_rollout_load_weights_checks_names_and_shapes(rollout):
 def test_real_gsm8k_reward_on_sums():
     texts = [sums.completion(3, 4), sums.completion(3, 4).replace("<SOLUTION>7", "<SOLUTION>8"), "seven"]
     scored = scoring.score(texts, ["grail_gsm8k"] * 3, ["#### 7"] * 3, [{}] * 3)
-    assert scored.scores.tolist() == pytest.approx([1.0, 0.4, 0.0])
+    # GRAIL's GSM8K weights: 0.6 correct + 0.15 strict + 0.1 thinking + 0.1 answer + 0.05 no trailing
+    assert scored.scores.tolist() == pytest.approx([1.0, 0.4, 0.05], abs=1e-6)
     assert scored.components["correct"] == [1.0, 0.0, 0.0]
     metrics = reward_component_metrics(scored.components)
     assert metrics["reward/correct/mean"] == pytest.approx(1 / 3)
-    assert metrics["reward/format/mean"] == pytest.approx((2 / 3 + 2 / 3 + 2 / 3 + 2 / 3) / 4)
+    assert metrics["reward/format/mean"] == pytest.approx((2 / 3 + 2 / 3 + 2 / 3 + 1) / 4)
 
 
 def test_grpo_advantages_are_verls():

@@ -121,7 +121,10 @@ def test_rng_tracker_setting_is_needed(pool):
     (failure, sample0), (_, sample1) = pool.run(task_rng_tracker)
     kind, text, frames = failure
     assert NO_DRIVER in text and any("torch/cuda/random.py" in f for f in frames)
-    assert not torch.equal(sample0, sample1)  # TP ranks draw different model-parallel streams
+    # The inference tracker's fork() does not switch streams: both TP ranks draw the same
+    # numbers. Harmless here: with use_cpu_initialization Megatron initialises the full master
+    # weight and slices it, and dropout is 0, so no TP-rank-specific stream is ever needed.
+    assert torch.equal(sample0, sample1)
 
 
 # ----------------------------------------------------------------------------- in-process units

@@ -68,7 +68,13 @@ def task_export(model_dir, tp, pp, out_dir):
     names = [name for name, _ in bridge.export_hf_weights(models)]
     state = bridge.export_state_dict(models)
     bridge.save_hf(models, out_dir, tokenizer_dir=model_dir)
-    return names, state
+    # refresh a differently initialised HF model in place (the rollout-model update)
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(123)
+    rollout = AutoModelForCausalLM.from_config(bridge.hf_config)
+    copied = bridge.update_hf_model(rollout, models)
+    return names, state, copied, {k: v.clone() for k, v in rollout.state_dict().items()}
 
 
 def task_update(model_dir, batch, tp, pp, config_kwargs):
@@ -168,8 +174,13 @@ def test_bridge_export_is_exact_and_reloads(pool, models, name, tp, pp):
     from safetensors.torch import load_file
 
     out = models["root"] / f"export_{name}_{tp}{pp}"
-    names, state = pool.run(task_export, models[name], tp, pp, out)[0]
+    names, state, copied, rollout = pool.run(task_export, models[name], tp, pp, out)[0]
     original = load_file(models[name] / "model.safetensors")
+    assert copied == len(original)
+    for key, tensor in original.items():
+        assert torch.equal(rollout[key], tensor), key
+    if name == "qwen":  # tied: the rollout model's lm_head follows the embedding
+        assert torch.equal(rollout["lm_head.weight"], original["model.embed_tokens.weight"])
     assert sorted(names) == sorted(original) and len(names) == len(set(names))
     for key, tensor in original.items():
         assert torch.equal(state[key], tensor), key

@@ -38,7 +38,8 @@ def test_rejected_inputs_score_zero_with_a_reason(data_source, solution, truth, 
         ("{not json", "ground_truth is not valid JSON", 0.30000000000000004),
         (None, "ground_truth is not valid JSON", 0.30000000000000004),
         ("[1, 2]", "ground_truth JSON must be an object, got list", 0.30000000000000004),
-        (json.dumps({"test_list": ["assert True"], "test_imports": 5}), "ground_truth test fields are malformed", 0.30000000000000004),
+        (json.dumps({"test_list": ["assert True"], "test_imports": 5}),
+         "ground_truth test fields are malformed", 0.30000000000000004),
     ],
 )
 def test_malformed_mbpp_ground_truth_keeps_the_format_terms(truth, reason_start, score):

@@ -5,11 +5,11 @@ import json
 
 from grail_megatron.cli import main as grail_main
 from grail_megatron.rewards.cli import main as score_main
-from rewards_cases import load_parity_cases
+from rewards_cases import BUNDLED_FILE, load_parity_cases
 
 
 def _pick_cases() -> list[dict]:
-    cases = load_parity_cases()
+    cases = load_parity_cases(BUNDLED_FILE)
     by_id = {case["id"]: case for case in cases}
     return [by_id[i] for i in ("gsm8k-0003", "gsm8k-0002", "math-0002", "math-0006", "mbpp-0008", "mbpp-0014")]
 

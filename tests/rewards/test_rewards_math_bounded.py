@@ -6,7 +6,7 @@ import time
 import pytest
 
 from grail_megatron.rewards import compute_score
-from grail_megatron.rewards.math_answer import answers_equal
+from grail_megatron.rewards.math_answer import _cannot_parse, answers_equal
 from grail_megatron.rewards.sympy_worker import SympyChecker, _sympy_equal, default_checker
 
 BUDGET = 0.5
@@ -81,7 +81,10 @@ def test_backslash_answers_never_parse_so_skipping_sympy_is_exact():
     # math_answer skips the worker for LaTeX (a backslash outside quotes): parse_expr
     # raises on all of them, so the reference's sympy strategy is always False there.
     for text in [r"\frac{1}{2}", r"2\sqrt{3}", r"\pi", r"(-\infty,3]", r"\text{(c)}", r"x\\", r"5^\circ"]:
-        assert _sympy_equal(text, text) is False
+        assert _cannot_parse(text) and _sympy_equal(text, text) is False
+    # ... but a backslash in a comment is legal Python: those still go to sympy.
+    assert not _cannot_parse("1#\\pi") and _sympy_equal("1#\\pi", "1") is True
+    assert answers_equal("1#\\pi", "1")[:2] == (True, "symbolic")
 
 
 def test_math_verify_is_an_opt_in_departure():

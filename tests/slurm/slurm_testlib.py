@@ -11,7 +11,6 @@ from grail_megatron.launch.minicluster import MiniCluster
 
 REPO = Path(__file__).resolve().parents[2]
 SUBMIT = REPO / "scripts" / "slurm" / "submit.sh"
-PYTHON = REPO / ".venv" / "bin" / "python"
 
 
 @dataclass
@@ -31,6 +30,18 @@ def submit(cluster: MiniCluster, args: list[str], env: dict[str, str] | None = N
     log = re.search(r"^log: (\S+)$", res.stdout, re.M)
     assert job and log, res.stdout
     return SubmittedJob(job.group(1), Path(log.group(1)), res.stdout)
+
+
+def sbatch(cluster: MiniCluster, args: list[str], env: dict[str, str], cwd: Path) -> SubmittedJob:
+    """Plain `sbatch --parsable` (no submit.sh); the log path is taken from --output."""
+    full_env = cluster.env()
+    full_env.update(env)
+    res = subprocess.run(["sbatch", "--parsable", *args], env=full_env, cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    job_id = res.stdout.strip().split(";")[0]
+    output = next(a.split("=", 1)[1] for a in args if a.startswith("--output="))
+    name = next(a.split("=", 1)[1] for a in args if a.startswith("--job-name="))
+    return SubmittedJob(job_id, Path(output.replace("%x", name).replace("%j", job_id)), res.stdout)
 
 
 def job_info(cluster: MiniCluster, job_id: str) -> dict[str, str]:

@@ -1,30 +1,34 @@
 """scripts/slurm/ on a real SLURM (two emulated nodes) with a real Ray cluster.
 
-Two jobs run concurrently on the 2 x 2 CPUs of the test cluster, submitted once per session:
-- `preempt`: 2 nodes x 1 CPU, Ray across both, a CPU payload that checkpoints every step.
-  A watcher sends `scancel --batch --signal=USR1` as soon as a checkpoint exists; the job must
-  checkpoint, requeue itself and resume with the next step.
-- `failing`: 1 node x 1 CPU, no Ray, a payload that exits 3 at once: the job must end FAILED
-  with exit code 3 and the log must name the log path.
+Two jobs run concurrently on the 2 x 2 CPUs of the test cluster, submitted once per module:
+- `preempt`: 2 nodes x 1 CPU, Ray across both, the real local GRPO loop
+  (`grail-megatron train --local`, tiny Qwen2 on the sums task, one rank, checkpoint every
+  step) as the payload. A watcher sends `scancel --batch --signal=USR1` as soon as the first
+  checkpoint is complete; the job must checkpoint, requeue itself and resume with the next step.
+- `failing`: 1 node x 1 CPU submitted with plain sbatch, Ray with 2 logical GPUs, the verl
+  trainer (`grail-megatron train`) with a misspelled key: the job must end FAILED with the
+  CLI's exit code and the log must name the log path.
 """
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from slurm_testlib import FINISHED, PYTHON, REPO, SubmittedJob, job_info, read_text, submit, wait_finished, wait_for
+from slurm_testlib import FINISHED, REPO, SubmittedJob, job_info, read_text, sbatch, submit, wait_finished, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.ray]
 
-TOY = REPO / "tests" / "slurm" / "slurm_toy_payload.py"
-TOTAL_STEPS = 8
-JOB_TIMEOUT_S = 200
+TOTAL_STEPS = 4
+JOB_TIMEOUT_S = 480  # generous: the machine is shared; on an idle 2-core box the job takes ~2 min
+STEP_ROW = re.compile(r"^\s+(\d+)\s+[-+]?\d+\.\d+\s", re.M)  # a row of the local loop's metrics table
 
 
 @dataclass
@@ -36,7 +40,8 @@ class PreemptionRun:
     errors: list[str] = field(default_factory=list)
 
     def checkpoint_step(self) -> int:
-        text = read_text(self.ckpt_dir / "step").strip()
+        """verl's tracker file, written by the checkpoint code after a step is complete."""
+        text = read_text(self.ckpt_dir / "latest_checkpointed_iteration.txt").strip()
         return int(text) if text else 0
 
 
@@ -55,21 +60,30 @@ def _preempt_when_checkpointed(cluster, run: PreemptionRun) -> None:
 @pytest.fixture(scope="module")
 def jobs(slurm_cluster, base_env, tmp_path_factory):
     work = tmp_path_factory.mktemp("jobs")
+    logs = work / "logs"
+    # Plain sbatch (what submit.sh wraps) with the verl trainer: Ray offers 2 logical GPUs per
+    # node, and `grail-megatron train` (verl path) stops at a misspelled key, as a real typo would.
+    verl_env = {**base_env, "GM_REPO": str(REPO), "GM_TRAINER": "verl", "GM_GPUS_PER_NODE": "2",
+                "GM_SIGNAL_SECS": "120", "GM_RAY_JSON": str(work / "ray_verl.json"), "GM_RAY_WAIT_S": "240"}
+    failing_job = sbatch(
+        slurm_cluster,
+        ["--nodes=1", "--cpus-per-task=1", "--time=00:30:00", "--job-name=failing", f"--output={logs}/%x-%j.log",
+         str(REPO / "scripts" / "slurm" / "train.sbatch"), "model_preset=tiny", "trainer.totl_training_steps=3"],
+        env=verl_env, cwd=work,
+    )
+    from grail_megatron.local.recipes import prepare_sums_run, sums_overrides
+    from grail_megatron.local.warm_start import WarmStartSettings
+
+    # Learning is not under test here: a 2-step warm start keeps the preparation short.
+    sums = prepare_sums_run(work / "sums", warm=WarmStartSettings(steps=2))
     ckpt = work / "ckpt"
+    overrides = sums_overrides(sums, ckpt, steps=TOTAL_STEPS, tp=1, prompts_per_step=4, n=4, save_freq=1)
     ray_json = work / "ray.json"
     preempt_job = submit(
         slurm_cluster,
         ["--nodes", "2", "--gpus-per-node", "0", "--cpus-per-node", "1", "--job-name", "preempt",
-         "--log-dir", str(work / "logs"), "--ray-wait", "150",
-         "--command", f"{PYTHON} {TOY} {ckpt} --step-seconds 1.5", "--", "--steps", str(TOTAL_STEPS)],
+         "--log-dir", str(logs), "--ray-wait", "240", "--trainer", "local", "--", *overrides],
         env={**base_env, "GM_RAY_JSON": str(ray_json)}, cwd=work,
-    )
-    failing_job = submit(
-        slurm_cluster,
-        ["--nodes", "1", "--gpus-per-node", "0", "--cpus-per-node", "1", "--job-name", "failing",
-         "--log-dir", str(work / "logs"), "--no-ray", "--command", f"{PYTHON} {TOY} {work / 'unused'} --fail",
-         "--", "--steps", "1"],
-        env=base_env, cwd=work,
     )
     run = PreemptionRun(preempt_job, ckpt, ray_json)
     watcher = threading.Thread(target=_preempt_when_checkpointed, args=(slurm_cluster, run), daemon=True)
@@ -107,8 +121,6 @@ def test_ray_wait_names_missing_nodes_on_a_real_ray_cluster(jobs, job_tmp_base, 
         assert result["n1"]["slurm_node"] == "n1"
     finally:
         ray.shutdown()
-    import shutil
-
     shutil.rmtree(job_tmp_base / "rw", ignore_errors=True)
 
 
@@ -128,18 +140,27 @@ def test_ray_cluster_spans_both_nodes_and_runs_a_task_on_each(jobs, slurm_cluste
         assert probe["slurm_node"] == name
         assert report["nodes"][name]["cpus"] == 1.0
     log = read_text(run.job.log)
-    assert "[ray] cluster ready after" in log and "2 nodes (n1: 1 CPU 0 GPU, n2: 1 CPU 0 GPU)" in log
+    assert "[ray] cluster ready after" in log and "2 node(s) (n1: 1 CPU 0 GPU, n2: 1 CPU 0 GPU)" in log
 
 
-def test_failing_payload_fails_the_job_with_the_log_path(jobs, slurm_cluster):
+def test_failing_verl_payload_fails_the_job_with_the_log_path(jobs, slurm_cluster):
     job: SubmittedJob = jobs["failing"]
     info = wait_finished(slurm_cluster, job.job_id, JOB_TIMEOUT_S)
-    assert info["JobState"] == "FAILED"
-    assert info["ExitCode"] == "3:0"
-    assert info["Restarts"] == "0"
     log = read_text(job.log)
-    assert "toy payload: failing on purpose" in log
-    assert f"ERROR: payload failed with exit code 3; log: {job.log}" in log
+    assert info["JobState"] == "FAILED", log
+    assert info["ExitCode"] == "2:0"  # train_cli: bad configuration
+    assert info["Restarts"] == "0"
+    # verl's driver gets the job's shape, and a Ray cluster that offers it.
+    assert "[ray] cluster ready after" in log and "1 node(s) (n1: 1 CPU 2 GPU)" in log
+    assert re.search(r"payload: \S+ -m grail_megatron\.cli train trainer\.nnodes=1 trainer\.n_gpus_per_node=2 "
+                     r"model_preset=tiny trainer\.totl_training_steps=3$", log, re.M), log
+    # verl force-saves ahead of the USR1 that SLURM sends GM_SIGNAL_SECS before the time limit.
+    limit = re.search(r"time limit at (\S+): verl saves a checkpoint ahead of (\S+)", log)
+    assert limit, log
+    end, save_by = (datetime.fromisoformat(t) for t in limit.groups())
+    assert (end - save_by).total_seconds() == 120
+    assert "unknown config key 'trainer.totl_training_steps'" in log
+    assert f"ERROR: payload failed with exit code 2; log: {job.log}" in log
 
 
 def test_preemption_checkpoints_requeues_and_resumes(jobs, slurm_cluster):
@@ -152,20 +173,20 @@ def test_preemption_checkpoints_requeues_and_resumes(jobs, slurm_cluster):
     assert info["ExitCode"] == "0:0"
     assert info["Restarts"] == "1", log
 
-    first, second = log.split("job {} run 1:".format(run.job.job_id))
+    first, second = log.split(f"job {run.job.job_id} run 1:")
     assert "preemption signal (USR1)" in first
     assert "payload checkpointed (exit 75): requeueing job" in first
-    stopped_at = int(re.search(r"checkpoint at step (\d+), exit 75", first).group(1))
+    stopped_at = int(re.search(r"preempted: checkpoint of step (\d+) saved, exiting 75", first).group(1))
     assert stopped_at >= run.signalled_at_step[0]
-    # Step numbers continue: run 0 did 1..k, run 1 resumed after k and did k+1..N, nothing twice.
-    steps_first = [int(s) for s in re.findall(r"^step (\d+)$", first, re.M)]
-    steps_second = [int(s) for s in re.findall(r"^step (\d+)$", second, re.M)]
-    assert steps_first == list(range(1, stopped_at + 1))
-    assert f"resuming after step {stopped_at}" in second
-    assert steps_second == list(range(stopped_at + 1, TOTAL_STEPS + 1))
     assert stopped_at < TOTAL_STEPS, "the signal came too late to test a resume"
+    # Step numbers continue: run 0 did 1..k, run 1 resumed from k and did k+1..N, nothing twice.
+    assert [int(s) for s in STEP_ROW.findall(first)] == list(range(1, stopped_at + 1))
+    assert re.search(rf"resumed from \S+ \(step {stopped_at}\)", second), second
+    assert [int(s) for s in STEP_ROW.findall(second)] == list(range(stopped_at + 1, TOTAL_STEPS + 1))
     assert run.checkpoint_step() == TOTAL_STEPS
+    assert sorted(p.name for p in run.ckpt_dir.glob("global_step_*")) == [f"global_step_{i}" for i in range(1, TOTAL_STEPS + 1)]
     assert "payload finished; job done" in second
+    assert "[ray] cluster ready after" in second  # Ray was brought up again for the second run
 
 
 def test_nothing_is_left_running(jobs, slurm_cluster, job_tmp_base):

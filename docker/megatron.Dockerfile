@@ -201,6 +201,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 # gcc and the Python headers stay: Triton (torch.compile, vLLM, TE) compiles its kernel
 # launcher with the host compiler at run time. nvcc, ccache and all sources do not.
+# The verbs libraries and providers let NCCL use InfiniBand/RoCE between nodes.
 # apt versions come with the base image's Ubuntu release, as in the builder.
 # hadolint ignore=DL3008
 RUN --mount=type=cache,target=/var/cache/apt,sharing=locked \
@@ -209,7 +210,7 @@ RUN --mount=type=cache,target=/var/cache/apt,sharing=locked \
     && apt-get update \
     && apt-get install -y --no-install-recommends \
         "python${PYTHON_VERSION}" "python${PYTHON_VERSION}-dev" gcc libc6-dev \
-        git ca-certificates procps libibverbs1 librdmacm1 libnuma1
+        git ca-certificates procps libibverbs1 ibverbs-providers librdmacm1 libnuma1
 
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /opt/grail-megatron /opt/grail-megatron

@@ -22,7 +22,7 @@ class SumsRun:
     warm_start: dict
 
 
-def prepare_sums_run(workdir: str | Path, seed: int = 0, warm: WarmStartSettings = WarmStartSettings(),
+def prepare_sums_run(workdir: str | Path, seed: int = 0, warm: WarmStartSettings = WarmStartSettings(steps=150),
                      val_size: int = 32) -> SumsRun:
     """Data, locally trained tokenizer, random-init tiny Qwen2 (DESIGN.md s.8 size), warm start."""
     from grail_megatron.models.tiny import make_tiny_model, train_tokenizer
@@ -39,8 +39,8 @@ def prepare_sums_run(workdir: str | Path, seed: int = 0, warm: WarmStartSettings
 
 def sums_overrides(run: SumsRun, out_dir: str | Path, steps: int, tp: int = 2, pp: int = 1,
                    prompts_per_step: int = 16, n: int = 8, save_freq: int = -1, test_freq: int = -1,
-                   seed: int = 42) -> list[str]:
-    """GRPO on sums: 16 prompts x 8 samples, temperature 1, lr 5e-4 constant, no KL, 20 tokens."""
+                   seed: int = 42, lr: float = 2e-4) -> list[str]:
+    """GRPO on sums: 16 prompts x 8 samples, temperature 1, lr 2e-4 constant, no KL, 20 tokens."""
     sequences = prompts_per_step * n
     return [
         "model_preset=tiny", "cluster=cpu",
@@ -53,7 +53,7 @@ def sums_overrides(run: SumsRun, out_dir: str | Path, steps: int, tp: int = 2, p
         f"actor_rollout_ref.actor.ppo_mini_batch_size={prompts_per_step}",
         f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={sequences}",
         f"actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu={sequences}",
-        "actor_rollout_ref.actor.optim.lr=5e-4", "actor_rollout_ref.actor.optim.lr_warmup_steps=0",
+        f"actor_rollout_ref.actor.optim.lr={lr}", "actor_rollout_ref.actor.optim.lr_warmup_steps=0",
         f"actor_rollout_ref.actor.megatron.tensor_model_parallel_size={tp}",
         f"actor_rollout_ref.actor.megatron.pipeline_model_parallel_size={pp}",
         f"actor_rollout_ref.ref.megatron.tensor_model_parallel_size={tp}",

@@ -198,6 +198,14 @@ class MegatronActor:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         c = self.config
+        half = self.bridge.config.dtype in (torch.bfloat16, torch.float16)
+        if half and not torch.cuda.is_available():
+            # GPU-only seam: Float16OptimizerWithFloat16Params accepts only torch.cuda.* tensors
+            raise ValueError(
+                f"training in {self.bridge.config.dtype} needs a GPU (Megatron's mixed-precision "
+                "optimizer only accepts CUDA tensors); on CPU use BridgeConfig(dtype=torch.float32)"
+                " (bf16 works on CPU for log-probs, trainable=False)"
+            )
         tf_config = self.bridge.transformer_config
         # all-reduces grads across DP, tied embeddings across PP and layernorms with SP
         tf_config.finalize_model_grads_func = finalize_model_grads

@@ -112,7 +112,7 @@ def split_micro_batches(batch: dict, micro_batch_size: int, pad_to_multiple: int
     return out
 
 
-def _forward_step(vocab_size: float, temperature: float, loss_fn: LossFn, num_micro: int,
+def _forward_step(vocab_size: int, temperature: float, loss_fn: LossFn, num_micro: int,
                   data_iterator, model):
     micro: MicroBatch = next(data_iterator)
     a = micro.aligned
@@ -147,6 +147,8 @@ def run_micro_batches(models: Sequence[torch.nn.Module], micro_batches: list[Mic
 
     models = list(models)
     num_micro = len(micro_batches)
+    if num_micro == 0:
+        raise ValueError("run_micro_batches: the batch is empty")
     step = partial(_forward_step, vocab_size, temperature, loss_fn or _no_loss, num_micro)
     iterators = [iter(micro_batches) for _ in models] if len(models) > 1 else iter(micro_batches)
     max_seq = max(mb.aligned.tokens.shape[1] for mb in micro_batches)

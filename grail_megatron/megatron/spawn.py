@@ -33,6 +33,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _to_bytes(value) -> bytes:
+    """Results travel as bytes: shared-memory tensors would die with the rank that made them."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def _from_bytes(data: bytes):
+    import io
+
+    import torch
+
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
 def _worker(rank: int, world_size: int, port: int, tasks, results, cpu_support: bool) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
@@ -50,7 +69,7 @@ def _worker(rank: int, world_size: int, port: int, tasks, results, cpu_support: 
             break
         fn, args, kwargs = task
         try:
-            results.put((rank, True, fn(*args, **kwargs)))
+            results.put((rank, True, _to_bytes(fn(*args, **kwargs))))
         except BaseException:  # noqa: BLE001 - reported to the caller with the traceback
             results.put((rank, False, traceback.format_exc()))
     torch.distributed.destroy_process_group()
@@ -92,7 +111,7 @@ class RankPool:
                                 "(pool stopped)")
                 break
             if ok:
-                out[rank] = value
+                out[rank] = _from_bytes(value)
             else:
                 failures.append(f"--- rank {rank} ---\n{value}")
         if failures:

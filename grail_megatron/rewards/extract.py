@@ -8,8 +8,9 @@ The reference (GRAIL research/verl/reward_functions.py) uses two regexes:
 Python's backtracking engine runs the solution regex in cubic time when an opening tag is
 followed by a long whitespace run and never closed (2k spaces: 4.6 s), and the thinking
 regex in quadratic time on many unclosed opening tags. The functions below return exactly
-what ``re.search`` returns wherever it finishes (property-tested against it), using only
-literal-tag searches, which are linear.
+what ``re.search`` returns wherever it finishes (property-tested against it) in linear
+time: literal-tag searches for the solution, and for thinking one match whose atomic group
+commits to the first opening tag (the only one that matters).
 
 Why the solution search needs no loop over opening tags: for the first opening tag ending
 at ``q`` with its whitespace run ending at ``w``, the regex can only succeed with a closing

@@ -112,14 +112,15 @@ _DEFAULT_LOCK = threading.Lock()
 
 def default_pool() -> SandboxPool:
     """The process-wide pool, started on first use: ``GRAIL_SANDBOX_WORKERS`` zygotes
-    (default: the CPU count) with the default ``SandboxConfig``."""
+    (default: the CPU count, at most 16) with the default ``SandboxConfig``."""
     global _DEFAULT, _DEFAULT_ERROR
     with _DEFAULT_LOCK:
         if _DEFAULT_ERROR is not None:  # do not pay a failing start on every call
             raise _DEFAULT_ERROR
         if _DEFAULT is None:
+            workers = int(os.environ.get("GRAIL_SANDBOX_WORKERS", "0")) or min(os.cpu_count() or 1, 16)
             try:
-                _DEFAULT = SandboxPool(int(os.environ.get("GRAIL_SANDBOX_WORKERS", "0")) or None)
+                _DEFAULT = SandboxPool(workers)
             except SandboxUnavailable as exc:
                 _DEFAULT_ERROR = exc
                 raise

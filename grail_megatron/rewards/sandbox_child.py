@@ -149,6 +149,15 @@ def _reference_guard() -> None:
     builtins.__import__ = guarded_import
 
 
+def _describe(exc: BaseException, status: str, render) -> tuple[str, str]:
+    """(status, message); an exception whose ``__str__`` raises is a process error, as in
+    the reference (where it escapes into the sandbox's own error handler)."""
+    try:
+        return status, render(exc)
+    except BaseException:
+        return "process_error", "Sandbox error: the exception could not be rendered"
+
+
 def _exit_code(exc: BaseException) -> int:
     """multiprocessing's exit code for an exception escaping the process."""
     if isinstance(exc, SystemExit):
@@ -158,11 +167,18 @@ def _exit_code(exc: BaseException) -> int:
     return 1
 
 
-def run_test(program: str, result_fd: int, config, exposure: dict[str, list[str]]) -> None:  # pragma: no cover
+def run_test(  # pragma: no cover - runs in the forked child only
+    program: str, result_fd: int, config, exposure: dict[str, list[str]], nonce: str
+) -> None:
     """Confine, execute, report, exit (child only). ``config`` is a ``SandboxConfig``,
-    ``exposure`` the result of ``import_path_exposure``."""
+    ``exposure`` the result of ``import_path_exposure``; the verdict carries ``nonce``, so
+    a program that writes a made-up verdict to every descriptor is not believed (one that
+    digs the nonce out of this frame could still lie: the verdict of code running in the
+    same interpreter is only as honest as that code, as in the reference)."""
+    # Bound before the program runs, so it cannot swap them (json.dumps is patchable).
     write = os.write
     exit_now = os._exit
+    quote = json.encoder.encode_basestring_ascii  # a C function
     try:
         devnull = os.open("/dev/null", os.O_RDWR)
         for fd in (0, 1, 2):
@@ -184,19 +200,22 @@ def run_test(program: str, result_fd: int, config, exposure: dict[str, list[str]
         sys.stdout = sys.stderr = _WriteOnlySink()
         sys.stdin = None
     except BaseException as exc:  # confinement failed: never run the code unconfined
-        write(result_fd, json.dumps({"status": "process_error", "error": f"Sandbox error: {exc}"}).encode() + b"\n")
+        failure = {"status": "process_error", "error": f"Sandbox error: {exc}", "nonce": nonce}
+        write(result_fd, json.dumps(failure).encode() + b"\n")
         exit_now(70)
     try:
         exec(program, {})
-        verdict = {"status": "success", "error": None}
+        status, error = "success", None
     except SyntaxError as exc:
-        verdict = {"status": "syntax_error", "error": str(exc)}
+        status, error = _describe(exc, "syntax_error", str)
     except Exception as exc:
-        verdict = {"status": "runtime_error", "error": f"{type(exc).__name__}: {exc}"}
+        status, error = _describe(exc, "runtime_error", lambda e: f"{type(e).__name__}: {e}")
     except BaseException as exc:  # SystemExit & co. end the reference process silently
         exit_now(_exit_code(exc))
     try:
-        write(result_fd, json.dumps(verdict).encode() + b"\n")
+        line = '{"status": "%s", "error": %s, "nonce": "%s"}\n' % (
+            status, "null" if error is None else quote(error), nonce)
+        write(result_fd, line.encode())
     except BaseException:
         exit_now(71)
     exit_now(0)

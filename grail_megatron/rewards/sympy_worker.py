@@ -5,7 +5,7 @@
 ``simplify(a - b) == 0``" runs in a separate process that:
 
 * is started with an empty environment, holds no privileges (``nobody``, no network,
-  RLIMIT_AS 2 GiB) and imports sympy once;
+  RLIMIT_AS 1 GiB) and imports sympy once;
 * never evaluates anything itself: it forks evaluator processes from its warm state and
   SIGKILLs one that runs past ``budget`` seconds; the replacement is another fork
   (milliseconds), so a hang costs one budget and the next call pays nothing;
@@ -120,6 +120,12 @@ class _Evaluator:
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
+        # Keep only our own pipes: a one-shot evaluator must not be able to talk to the
+        # persistent one (whose pipe ends the server holds) or to the scoring process.
+        low, high = sorted((requests, replies))
+        os.closerange(3, low)
+        os.closerange(low + 1, high)
+        os.closerange(high + 1, 1 << 16)
         buffer = bytearray()
         while True:
             try:
@@ -130,10 +136,10 @@ class _Evaluator:
 
     def ask(self, request: dict, deadline: float) -> dict | None:
         """The reply, or None if the deadline passed first."""
-        os.write(self._to_child, json.dumps(request).encode() + b"\n")
         try:
+            os.write(self._to_child, json.dumps(request).encode() + b"\n")
             line = _read_line(self._from_child, deadline, self._buffer)
-        except EOFError:
+        except (EOFError, BrokenPipeError):
             return {"equal": False, "error": "evaluator died"}
         return None if line is None else json.loads(line)
 

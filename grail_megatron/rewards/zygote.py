@@ -56,21 +56,23 @@ def _wait_exit(pid: int, deadline: float) -> int | None:
     return os.waitpid(pid, 0)[1]
 
 
-def _parse_verdict(raw: bytes) -> dict:
+def _parse_verdict(raw: bytes, nonce: str) -> dict:
     try:
         verdict = json.loads(raw)
     except ValueError:
         verdict = None
-    if isinstance(verdict, dict) and verdict.get("status") in _STATUSES:
-        return {"status": verdict["status"], "error": verdict.get("error")}
-    return {"status": "process_error", "error": "Malformed verdict from the test process"}
+    if not (isinstance(verdict, dict) and verdict.get("status") in _STATUSES):
+        return {"status": "process_error", "error": "Malformed verdict from the test process"}
+    if verdict.get("nonce") != nonce:
+        return {"status": "process_error", "error": "Forged verdict from the test process"}
+    return {"status": verdict["status"], "error": verdict.get("error")}
 
 
 class _RunningTest:
     """One forked test process: PID 1 of its namespace, verdict pipe, what it reported."""
 
-    def __init__(self, pid: int, fd: int) -> None:
-        self.pid, self.fd = pid, fd
+    def __init__(self, pid: int, fd: int, nonce: str) -> None:
+        self.pid, self.fd, self.nonce = pid, fd, nonce
         self.buffer = b""
         self.verdict: bytes | None = None
         self.closed_without_verdict = False
@@ -93,7 +95,7 @@ class _RunningTest:
 
     def result(self) -> dict:
         if self.verdict is not None:
-            return _parse_verdict(self.verdict)
+            return _parse_verdict(self.verdict, self.nonce)
         if self.exited_in_time:
             code = os.waitstatus_to_exitcode(self.status)
             return {"status": "process_error", "error": f"Process terminated unexpectedly (exit_code={code})"}
@@ -107,6 +109,7 @@ class Zygote:
         self._exposure = import_path_exposure(sys.path) if os.geteuid() == 0 else {}
 
     def _start(self, program: str) -> _RunningTest:
+        nonce = os.urandom(16).hex()
         read_end, write_end = os.pipe()
         os.unshare(os.CLONE_NEWPID)  # the next child is PID 1 of a fresh namespace
         pid = -1
@@ -114,14 +117,16 @@ class Zygote:
             pid = os.fork()
             if pid == 0:  # pragma: no cover - child
                 os.close(read_end)
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                run_test(program, write_end, self.config, self._exposure)
-                os._exit(72)
+                try:
+                    signal.signal(signal.SIGINT, signal.default_int_handler)
+                    run_test(program, write_end, self.config, self._exposure, nonce)
+                finally:
+                    os._exit(72)  # never fall back into the zygote's own code
         finally:
             if pid != 0:
                 os.setns(self._own_pid_ns, os.CLONE_NEWPID)
         os.close(write_end)
-        return _RunningTest(pid, read_end)
+        return _RunningTest(pid, read_end, nonce)
 
     def run_tests(self, programs: list[str], timeout: float) -> list[dict]:
         """Run programs concurrently (as the reference does), each with ``timeout``."""
@@ -177,7 +182,14 @@ def main() -> None:  # pragma: no cover - runs as the zygote process
     _preload()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool owner decides when we stop
     isolate_network()
-    Zygote(config).serve(sys.stdin.buffer, sys.stdout.buffer)
+    zygote = Zygote(config)
+    # Fail loudly at start (not with every verdict) where namespaces or mounts are denied,
+    # e.g. an unprivileged container with a restrictive seccomp profile.
+    probe = zygote.run_tests(["import os\nassert os.getuid() != 0"], timeout=max(config.timeout, 5.0))[0]
+    if probe["status"] != "success":
+        sys.stderr.write(f"sandbox self-test failed: {probe['error']}\n")
+        sys.exit(1)
+    zygote.serve(sys.stdin.buffer, sys.stdout.buffer)
 
 
 if __name__ == "__main__":

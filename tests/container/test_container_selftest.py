@@ -28,12 +28,35 @@ GPU_CHECKS = ["gpus", "kernels", "tiny_model", "tp2_te_vs_local", "data", "grpo_
 GPU_ONLY_MODULES = {"amp_C", "fused_layer_norm_cuda", "apex", "transformer_engine", "flash_attn", "vllm"}
 
 
-def run_script(*args: str, env: dict | None = None, timeout: int = 400) -> subprocess.CompletedProcess:
+def script_env(env: dict | None = None) -> dict:
     bin_dir = str(Path(sys.executable).parent)  # grail-megatron and torchrun of this venv
-    full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable,
-                "OMP_NUM_THREADS": "1", **(env or {})}
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable,
+            "OMP_NUM_THREADS": "1", **(env or {})}
+
+
+def run_script(*args: str, env: dict | None = None, timeout: int = 400) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+                          env=script_env(env), timeout=timeout)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def background(tmp_path_factory):
+    """The two long runs of this file, started first and together so they overlap with the
+    other tests on the two cores:
+    the script's `--cpu` mode and `grail-megatron train --dry-run` with its GRPO overrides."""
+    work = tmp_path_factory.mktemp("selftest")
+    cpu = subprocess.Popen(["bash", str(SCRIPT), "--cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=script_env({"GRAIL_SELFTEST_DIR": str(work)}))
+    printed = run_script("--print-grpo-overrides", env={"GRAIL_SELFTEST_DIR": "/work/selftest"})
+    assert printed.returncode == 0, printed.stderr
+    exe = Path(sys.executable).parent / "grail-megatron"
+    dry = subprocess.Popen([str(exe), "train", "--dry-run", *printed.stdout.split()], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=script_env())
+    yield {"cpu": (work, cpu), "dry_run": (printed.stdout.split(), dry)}
+    for proc in (cpu, dry):
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def load_helper(name: str):
@@ -139,21 +162,18 @@ def test_every_project_command_it_calls_exists(command):
         assert flag in done.stdout, f"{flag} is not an option of grail-megatron {' '.join(command)}"
 
 
-def test_grpo_run_passes_the_trainers_dry_run():
+def test_grpo_run_passes_the_trainers_dry_run(background):
     """`grail-megatron train --dry-run` with the self-test's overrides: our composition, the
     planner and verl's validate_config all accept the two-step run; the resolved config is it."""
     import yaml
 
-    done = run_script("--print-grpo-overrides", env={"GRAIL_SELFTEST_DIR": "/work/selftest"})
-    assert done.returncode == 0, done.stderr
-    overrides = done.stdout.split()
-    exe = Path(sys.executable).parent / "grail-megatron"
-    dry = subprocess.run([str(exe), "train", "--dry-run", *overrides], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
-    assert "RESULT: the configured run passes every check." in dry.stdout
-    assert "verl validate_config: passed" in dry.stdout
-    resolved = yaml.safe_load(dry.stdout.split("# resolved config\n", 1)[1].split("\n# plan\n", 1)[0])
+    overrides, proc = background["dry_run"]
+    out, err = proc.communicate(timeout=600)
+    assert "actor_rollout_ref.rollout.name=vllm" in overrides
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert "RESULT: the configured run passes every check." in out
+    assert "verl validate_config: passed" in out
+    resolved = yaml.safe_load(out.split("# resolved config\n", 1)[1].split("\n# plan\n", 1)[0])
     trainer, rollout = resolved["trainer"], resolved["actor_rollout_ref"]["rollout"]
     assert (trainer["total_training_steps"], trainer["save_freq"], trainer["n_gpus_per_node"]) == (2, 2, 2)
     assert trainer["default_local_dir"] == "/work/selftest/checkpoints"
@@ -178,9 +198,10 @@ def test_tiny_model_matches_the_tiny_preset():
 
 
 @pytest.fixture(scope="module")
-def cpu_run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("selftest")
-    return work, run_script("--cpu", env={"GRAIL_SELFTEST_DIR": str(work)})
+def cpu_run(background):
+    work, proc = background["cpu"]
+    out, err = proc.communicate(timeout=600)
+    return work, subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.mark.multiproc

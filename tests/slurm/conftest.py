@@ -18,8 +18,21 @@ from slurm_testlib import REPO
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
-    cluster = MiniCluster(MiniClusterSpec(root=tmp_path_factory.mktemp("slurm"), nodes=("n1", "n2"), cpus_per_node=2))
+def session_dir():
+    """Private directory for the whole session (cluster, jobs, per-job temp dirs).
+
+    Not pytest's tmp_path: other pytest sessions on a shared machine prune old numbered
+    basetemp dirs, which must not happen under a running cluster. Short, because Ray's unix
+    socket paths inside the jobs' temp dirs must stay under 108 bytes.
+    """
+    path = Path(tempfile.mkdtemp(prefix="gmslurm", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(session_dir):
+    cluster = MiniCluster(MiniClusterSpec(root=session_dir / "cluster", nodes=("n1", "n2"), cpus_per_node=2))
     cluster.start()
     try:
         yield cluster
@@ -28,11 +41,11 @@ def slurm_cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def job_tmp_base():
-    """Short base for the jobs' temp dirs: Ray's unix socket paths must stay < 108 bytes."""
-    base = tempfile.mkdtemp(prefix="gmt", dir="/tmp")
-    yield Path(base)
-    shutil.rmtree(base, ignore_errors=True)
+def job_tmp_base(session_dir):
+    """Base of the jobs' per-run directories (GM_TMP_BASE)."""
+    base = session_dir / "t"
+    base.mkdir()
+    return base
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ from slurm_testlib import FINISHED, REPO, SubmittedJob, job_info, read_text, sba
 
 pytestmark = [pytest.mark.slurm, pytest.mark.ray]
 
-TOTAL_STEPS = 4
+TOTAL_STEPS = 6
 JOB_TIMEOUT_S = 480  # generous: the machine is shared; on an idle 2-core box the job takes ~2 min
 STEP_ROW = re.compile(r"^\s+(\d+)\s+[-+]?\d+\.\d+\s", re.M)  # a row of the local loop's metrics table
 
@@ -58,9 +58,10 @@ def _preempt_when_checkpointed(cluster, run: PreemptionRun) -> None:
 
 
 @pytest.fixture(scope="module")
-def jobs(slurm_cluster, base_env, tmp_path_factory):
-    work = tmp_path_factory.mktemp("jobs")
+def jobs(slurm_cluster, base_env, session_dir):
+    work = session_dir / "jobs"
     logs = work / "logs"
+    logs.mkdir(parents=True)  # sbatch does not create the --output directory
     # Plain sbatch (what submit.sh wraps) with the verl trainer: Ray offers 2 logical GPUs per
     # node, and `grail-megatron train` (verl path) stops at a misspelled key, as a real typo would.
     verl_env = {**base_env, "GM_REPO": str(REPO), "GM_TRAINER": "verl", "GM_GPUS_PER_NODE": "2",

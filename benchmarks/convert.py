@@ -1,0 +1,196 @@
+"""Benchmark `grail-megatron convert to-hf`: streaming vs loading the whole checkpoint first.
+
+    .venv/bin/python benchmarks/convert.py [--work DIR] [--layers 16] [--max-shard-size 200MB]
+
+Builds a random-init bf16 Qwen2 of ~1 GB, converts it once to a TP1/PP1 dist checkpoint
+(`from-hf`), then converts that checkpoint back to HF twice, each in a fresh process:
+  streaming  the converter (one transformer layer in memory at a time, shards written in place)
+  baseline   read every tensor of the checkpoint into memory, then map and write the shards
+and reports wall time, throughput (output GB / s) and peak RSS (ru_maxrss of the process),
+plus the RSS of a process that only imports the same libraries (the fixed overhead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------- child modes
+
+
+def child_imports() -> dict:
+    """Fixed overhead: the libraries the converter imports, and the single-rank group."""
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    from grail_megatron.checkpoint import to_hf, verify  # noqa: F401
+    from grail_megatron.megatron.bridge import Bridge  # noqa: F401
+
+    to_hf.ensure_single_rank_group()
+    return {}
+
+
+def child_streaming(ckpt: str, out: str, max_shard: int) -> dict:
+    from grail_megatron.checkpoint.to_hf import convert_to_hf
+
+    report = convert_to_hf(ckpt, out, max_shard_bytes=max_shard, progress=False)
+    return {"bytes": report.total_bytes, "shards": len(report.shards)}
+
+
+def child_baseline(ckpt: str, out: str, max_shard: int) -> dict:
+    """The non-streaming way: whole checkpoint in memory, then shards built in memory and saved."""
+    from safetensors.torch import save_file
+
+    from grail_megatron.checkpoint.dist_reader import DistCheckpointReader
+    from grail_megatron.checkpoint.layout import ActorPaths, resolve_actor_dir
+    from grail_megatron.checkpoint.safetensors_stream import plan_shards
+    from grail_megatron.checkpoint.to_hf import _Mapper, check_against_config, ensure_single_rank_group, load_hf_config, plan_units
+
+    actor = ActorPaths.detect(resolve_actor_dir(ckpt))
+    hf_config, _ = load_hf_config(actor, None)
+    ensure_single_rank_group()
+    reader = DistCheckpointReader(actor.model_dist)
+    everything = reader.read([(key, None) for key in reader.tensors])  # the whole checkpoint
+    mapper = _Mapper(hf_config)
+    units = plan_units(reader, mapper, hf_config)
+    specs = check_against_config(units, hf_config, actor.model_dist)
+    hf = {}
+    for unit in units:
+        parts = [everything[(key, None)] if unit.layer is None else everything[(key, None)][unit.layer] for key in unit.reads]
+        import torch
+
+        full = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+        for name, tensor in mapper(unit.mcore_name, full):
+            hf[name] = tensor.to(specs[0].dtype).contiguous()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    total = 0
+    for shard in plan_shards(specs, max_shard):
+        save_file({s.name: hf[s.name] for s in shard.specs}, str(Path(out) / shard.filename))
+        total += sum(s.nbytes for s in shard.specs)
+    return {"bytes": total}
+
+
+def _child_main(argv: list[str]) -> None:
+    mode, *args = argv
+    start = time.perf_counter()
+    if mode == "imports":
+        result = child_imports()
+    elif mode == "streaming":
+        result = child_streaming(args[0], args[1], int(args[2]))
+    else:
+        result = child_baseline(args[0], args[1], int(args[2]))
+    result.update(seconds=time.perf_counter() - start, peak_rss=_peak_rss_bytes())
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+def _run_child(*args: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, __file__, "--child", *args], env=env, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"child {args[0]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+
+
+def _make_model(work: Path, layers: int) -> Path:
+    """Random-init bf16 Qwen2 (~1 GB with 16 layers) saved as an HF folder."""
+    hf = work / "hf"
+    if (hf / "config.json").exists():
+        return hf
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(vocab_size=32000, hidden_size=1536, intermediate_size=4096, num_hidden_layers=layers,
+                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=False,
+                         max_position_embeddings=2048, rope_theta=10000.0, dtype="bfloat16")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(str(hf), max_shard_size="2GB")
+    return hf
+
+
+def _make_checkpoint(work: Path, hf: Path) -> Path:
+    from grail_megatron.checkpoint.relayout import RelayoutJob
+
+    root = work / "ckpt"
+    if not (root / "global_step_0").exists():
+        job = RelayoutJob("from-hf", str(hf), str(root), 1, 1)
+        env = dict(os.environ, OMP_NUM_THREADS="1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT="29517", PYTHONWARNINGS="ignore")
+        subprocess.run([sys.executable, "-m", "grail_megatron.checkpoint.relayout", job.to_json()], env=env, check=True,
+                       capture_output=True)
+    return root / "global_step_0" / "actor"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="/tmp/grail-convert-bench")
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--max-shard-size", default="200MB")
+    parser.add_argument("--child", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    if args.child:
+        _child_main(args.child)
+        return
+
+    import shutil
+
+    from grail_megatron.checkpoint.dist_reader import DistCheckpointReader
+    from grail_megatron.checkpoint.safetensors_stream import parse_size
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    max_shard = parse_size(args.max_shard_size)
+    hf = _make_model(work, args.layers)
+    ckpt = _make_checkpoint(work, hf)
+    reader = DistCheckpointReader(ckpt / "model" / "dist_ckpt")
+    sizes = {k: 2 * eval("*".join(map(str, t.shape))) for k, t in reader.tensors.items()}
+    largest_tensor = max(v // (t.shape[0] if k.startswith("decoder.layers.") else 1)
+                         for (k, v), t in zip(sizes.items(), reader.tensors.values()))
+    largest_layer_tensors = max(sizes[k] // reader.tensors[k].shape[0] for k in sizes if k.startswith("decoder.layers."))
+
+    rows = []
+    overhead = _run_child("imports")
+    for mode in ("streaming", "baseline"):
+        out = work / f"out_{mode}"
+        shutil.rmtree(out, ignore_errors=True)
+        result = _run_child(mode, str(ckpt), str(out), str(max_shard))
+        rows.append((mode, result))
+        largest_shard = max(p.stat().st_size for p in out.glob("*.safetensors"))
+    total_gb = rows[0][1]["bytes"] / 1e9
+    print(f"model: {total_gb:.3f} GB bf16 ({args.layers} layers), checkpoint TP1/PP1, shards <= {args.max_shard_size}; "
+          f"largest tensor {largest_tensor / 1e6:.0f} MB, largest shard {largest_shard / 1e6:.0f} MB, "
+          f"import overhead RSS {overhead['peak_rss'] / 1e9:.2f} GB")
+    print()
+    print("| method | seconds | GB/s | peak RSS (GB) | RSS above import overhead (GB) |")
+    print("|---|---|---|---|---|")
+    for mode, r in rows:
+        print(f"| {mode} | {r['seconds']:.1f} | {r['bytes'] / 1e9 / r['seconds']:.2f} | {r['peak_rss'] / 1e9:.2f} | "
+              f"{(r['peak_rss'] - overhead['peak_rss']) / 1e9:.2f} |")
+    bound = largest_shard + largest_tensor + overhead["peak_rss"]
+    streaming_rss = rows[0][1]["peak_rss"]
+    print()
+    print(f"streaming bound: largest shard + largest tensor + overhead = {bound / 1e9:.2f} GB; "
+          f"measured {streaming_rss / 1e9:.2f} GB -> {'within' if streaming_rss <= bound else 'EXCEEDS'} the bound; "
+          f"baseline / streaming RSS above overhead = "
+          f"{(rows[1][1]['peak_rss'] - overhead['peak_rss']) / max(1, streaming_rss - overhead['peak_rss']):.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -267,6 +267,10 @@ def convert_to_hf(
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise CheckpointError(f"{out_dir} exists and is not empty (pass --overwrite to replace it)")
     hf_config, source = load_hf_config(actor, hf_config_dir)
+    if not (actor.model_dist / ".metadata").exists() and list(actor.huggingface.glob("*.safetensors")):
+        # verl's default (use_dist_checkpointing=False + bridge): weights already saved as HF
+        return _reshard_hf_weights(actor, hf_config, source, out_dir, max_shard_bytes, progress, before_publish,
+                                   started)
     ensure_single_rank_group()
     reader = DistCheckpointReader(actor.model_dist)
     mapper = _Mapper(hf_config)
@@ -295,6 +299,7 @@ def convert_to_hf(
                     for name, tensor in mapper(unit.mcore_name, full):
                         writer.write(name, tensor.to(dtype))
                         bar.update(tensor.numel() * tensor.element_size())
+                    del parts, full, tensor  # free before the next read: peak = one piece, not two
                 del pieces
         bar.close()
         index = writer.close()
@@ -316,6 +321,86 @@ def convert_to_hf(
     return ConversionReport(out_dir, len(specs), index["metadata"]["total_size"], shards,
                             str(dtype).removeprefix("torch."), time.perf_counter() - started,
                             _source_layout(actor.actor))
+
+
+def _hf_weight_files(folder: Path) -> dict[str, Path]:
+    """{tensor name: file} of an HF folder's safetensors (via the index when there is one)."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: folder / filename for name, filename in weight_map.items()}
+        for path in sorted(set(files.values())):
+            if not path.is_file():
+                raise CheckpointError(f"{folder}: shard {path.name} listed in {index.name} is missing")
+        return files
+    files = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt") as f:
+                files.update({name: path for name in f.keys()})
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
+    return files
+
+
+def _reshard_hf_weights(actor: ActorPaths, hf_config, source: Path, out_dir: Path, max_shard_bytes: int,
+                        progress: bool, before_publish, started: float) -> ConversionReport:
+    """Checkpoint whose weights verl already saved as HF: validate and re-shard them, streaming."""
+    from safetensors import safe_open
+
+    files = _hf_weight_files(actor.huggingface)
+    expected = expected_hf_tensors(hf_config)
+    missing, extra = sorted(set(expected) - set(files)), sorted(set(files) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{actor.huggingface}: weights do not match config.json: missing {missing[:4]}, "
+                              f"unexpected {extra[:4]}")
+    specs = []
+    try:
+        for name in sorted(files, key=_layer_sort_key):
+            with safe_open(str(files[name]), "pt") as f:
+                sl = f.get_slice(name)
+                shape, dtype = tuple(sl.get_shape()), getattr(torch, _SAFETENSORS_TO_TORCH[sl.get_dtype()])
+            if shape != expected[name]:
+                raise CheckpointError(f"{files[name]}: {name} has shape {shape}, config.json implies {expected[name]}")
+            specs.append(TensorSpec(name, shape, dtype))
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{actor.huggingface}: unreadable safetensors ({exc})") from exc
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.incomplete-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        writer = StreamingSafetensorsWriter(tmp, specs, max_shard_bytes)
+        try:
+            for spec in specs:
+                with safe_open(str(files[spec.name]), "pt") as f:
+                    writer.write(spec.name, f.get_tensor(spec.name))
+            index = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        _write_config_and_tokenizer(hf_config, source, tmp, specs[0].dtype)
+        fsync_tree(tmp)
+        if before_publish is not None:
+            before_publish(tmp)
+        if out_dir.exists():
+            replace_dir(tmp, out_dir)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ConversionReport(out_dir, len(specs), index["metadata"]["total_size"], sorted(set(index["weight_map"].values())),
+                            str(specs[0].dtype).removeprefix("torch."), time.perf_counter() - started,
+                            _source_layout(actor.actor))
+
+
+_SAFETENSORS_TO_TORCH = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
+                         "I64": "int64", "I32": "int32", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 def _batches(units: list[_Unit], layer: int | None):

@@ -69,7 +69,10 @@ def verify_logits(ckpt: str | os.PathLike, hf_dir: str | os.PathLike, prompts=DE
     hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     bridge = Bridge(AutoConfig.from_pretrained(str(hf_dir)), BridgeConfig(dtype=torch.float32))
     models = bridge.build_models()
-    load_model_weights(models, actor.model_dist)
+    if (actor.model_dist / ".metadata").exists():
+        load_model_weights(models, actor.model_dist)
+    else:  # verl saved the weights as HF (use_dist_checkpointing=False): load those through the bridge
+        bridge.load_hf_weights(models, actor.huggingface)
     mcore = models[0].eval()
     vocab = bridge.vocab_size
 

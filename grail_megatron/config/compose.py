@@ -9,12 +9,15 @@ Hydra context, so no global Hydra state is left behind).
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+# The repository's configs/ (the package is installed editable); GRAIL_CONFIG_DIR points
+# elsewhere, e.g. a copy baked into a container image.
+CONFIG_DIR = Path(os.environ.get("GRAIL_CONFIG_DIR") or Path(__file__).resolve().parents[2] / "configs")
 
 # Preset groups we ship: group name -> what it selects (for help texts and error messages).
 PRESET_GROUPS = {

@@ -100,17 +100,10 @@ def print_dry_run(cfg: Any, result) -> None:
 
 
 def run_local(cfg: Any, overrides: list[str], config_name: str) -> int:
-    """Delegate to the local loop (owned by grail_megatron.local)."""
-    import importlib
+    """Delegate to the local loop's entry point (owned by grail_megatron.local)."""
+    import grail_megatron.local as local
 
-    local = importlib.import_module("grail_megatron.local")
-    entry = getattr(local, "main", None)
-    if entry is None:
-        try:
-            entry = importlib.import_module("grail_megatron.local.launch").main
-        except (ImportError, AttributeError) as exc:
-            raise LaunchError(f"the local GRPO loop is not available: {exc}") from exc
-    return int(entry(overrides, config_name=config_name, cfg=cfg) or 0)
+    return int(local.main(overrides, config_name=config_name, cfg=cfg) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:

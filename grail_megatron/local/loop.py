@@ -50,7 +50,7 @@ def train(s: LocalSettings, cfg) -> int:
     tokenizer = actor_setup.load_tokenizer(s.model_path)
     prompts = load_prompts(s.data.train_files, tokenizer, s.data.max_prompt_length, s.data.prompt_key)
     sampler = PromptSampler(len(prompts), s.data.train_batch_size, s.data.seed, s.data.shuffle)
-    step = actor_setup.resume(s.trainer.default_local_dir, actor)  # 0 on a fresh start
+    step = actor_setup.resume(s.trainer.default_local_dir, actor) if s.trainer.resume_mode != "disable" else 0
     rollout = HFRollout(s.model_path, s.sampling) if rank0 else None
     actor_setup.sync_rollout_weights(actor, rollout)
     tracker = MetricLogger(s.trainer.project_name, s.trainer.experiment_name, s.trainer.logger,

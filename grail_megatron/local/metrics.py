@@ -35,14 +35,18 @@ def to_data_proto(tensors: dict[str, torch.Tensor], global_token_num: list[int])
     return DataProto.from_dict(tensors=tensors, meta_info={"global_token_num": global_token_num})
 
 
-# GRAIL's 0/1 format components (GSM8K/MATH/MBPP name them so); "correct" is correctness.
-FORMAT_COMPONENTS = ("strict", "thinking", "answer", "no_trailing")
+# GRAIL's 0/1 components: correctness (first name present wins) and format (mean of those present).
+CORRECT_COMPONENTS = ("correct", "acc", "pass_rate")
+FORMAT_COMPONENTS = ("strict", "thinking", "answer", "has_answer", "no_trailing")
 
 
 def reward_component_metrics(components: dict[str, list[float]]) -> dict[str, float]:
-    """`reward/<component>/mean` for every numeric component the reward returned, plus
-    `reward/format/mean`: the mean of the format components present (the table's "format")."""
+    """`reward/<component>/mean` for every numeric component the reward returned, plus the
+    table's summaries `reward/correct/mean` and `reward/format/mean`."""
     metrics = {f"reward/{key}/mean": sum(values) / len(values) for key, values in components.items() if values}
+    correct = [f"reward/{k}/mean" for k in CORRECT_COMPONENTS if f"reward/{k}/mean" in metrics]
+    if correct:
+        metrics["reward/correct/mean"] = metrics[correct[0]]
     present = [f"reward/{k}/mean" for k in FORMAT_COMPONENTS if f"reward/{k}/mean" in metrics]
     if present:
         metrics["reward/format/mean"] = sum(metrics[k] for k in present) / len(present)

@@ -22,7 +22,7 @@ class SumsRun:
     warm_start: dict
 
 
-def prepare_sums_run(workdir: str | Path, seed: int = 0, warm: WarmStartSettings = WarmStartSettings(steps=150),
+def prepare_sums_run(workdir: str | Path, seed: int = 0, warm: WarmStartSettings = WarmStartSettings(steps=120),
                      val_size: int = 32) -> SumsRun:
     """Data, locally trained tokenizer, random-init tiny Qwen2 (DESIGN.md s.8 size), warm start."""
     from grail_megatron.models.tiny import make_tiny_model, train_tokenizer
@@ -39,8 +39,8 @@ def prepare_sums_run(workdir: str | Path, seed: int = 0, warm: WarmStartSettings
 
 def sums_overrides(run: SumsRun, out_dir: str | Path, steps: int, tp: int = 2, pp: int = 1,
                    prompts_per_step: int = 16, n: int = 8, save_freq: int = -1, test_freq: int = -1,
-                   seed: int = 42, lr: float = 2e-4) -> list[str]:
-    """GRPO on sums: 16 prompts x 8 samples, temperature 1, lr 2e-4 constant, no KL, 20 tokens."""
+                   seed: int = 42, lr: float = 3e-4) -> list[str]:
+    """GRPO on sums: 16 prompts x 8 samples, temperature 1, lr 3e-4 constant, no KL, 20 tokens."""
     sequences = prompts_per_step * n
     return [
         "model_preset=tiny", "cluster=cpu",

@@ -44,30 +44,34 @@ def _stage(name: str):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="CPU smoke run of the local GRPO loop")
     parser.add_argument("--work", default="outputs/smoke", help="working folder (recreated)")
-    parser.add_argument("--steps", type=int, default=150, help="GRPO steps")
+    parser.add_argument("--steps", type=int, default=200, help="GRPO steps")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warm-steps", type=int, default=120, help="supervised warm-start steps")
+    parser.add_argument("--lr", type=float, default=3e-4, help="GRPO learning rate")
     args = parser.parse_args(argv)
 
     import os
     import shutil
 
-    from grail_megatron.local import main as train
+    from grail_megatron.cli import main as grail_megatron
     from grail_megatron.local.recipes import prepare_sums_run, sums_overrides
+    from grail_megatron.local.warm_start import WarmStartSettings
 
     start = time.perf_counter()
     work = Path(args.work).resolve()
     shutil.rmtree(work, ignore_errors=True)
     t = _stage("data, tokenizer, tiny Qwen2, warm start")
-    run = prepare_sums_run(work, seed=args.seed)
+    run = prepare_sums_run(work, seed=args.seed, warm=WarmStartSettings(steps=args.warm_steps))
     print(f"model {run.model_dir}; warm start {run.warm_start} ({time.perf_counter() - t:.0f} s)")
 
-    t = _stage(f"GRPO: {args.steps} steps at TP={args.tp}")
+    t = _stage(f"GRPO: grail-megatron train --local, {args.steps} steps at TP={args.tp}")
     tensorboard = work / "tensorboard"
     os.environ["TENSORBOARD_DIR"] = str(tensorboard)
     overrides = sums_overrides(run, work / "checkpoints", steps=args.steps, tp=args.tp,
-                               save_freq=max(1, args.steps // 2), test_freq=args.steps, seed=42 + args.seed)
-    code = train(overrides)
+                               save_freq=max(1, args.steps // 2), test_freq=args.steps, seed=42 + args.seed,
+                               lr=args.lr)
+    code = grail_megatron(["train", "--local", *overrides])  # exactly what a user types
     print(f"training exit code {code} ({time.perf_counter() - t:.0f} s)")
     if code != 0:
         return code

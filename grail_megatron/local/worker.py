@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=UserWarning, module=module)
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.WARNING, format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
+    # "MCore's async save is deprecated": said on every checkpoint, about a path we do not use.
+    logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").setLevel(logging.ERROR)
 
     from omegaconf import OmegaConf
 

@@ -16,6 +16,9 @@ adjustment and asserts the original error.
 | clip_grad       | Megatron's optimizer asserts `grad.type() == 'torch.cuda.FloatTensor'` when    |
 |                 | clipping: replaced by the same maths without the CUDA type check              |
 
+The TorchFunctionMode is per thread: wrap functions that run in other threads with
+`on_cpu_thread`.
+
 Not patches but settings (see `parallel.seed_everything` and `bridge.Bridge`): the RNG uses
 `model_parallel_cuda_manual_seed(..., inference_rng_tracker=True)` (the CUDA tracker reads the
 CUDA RNG state), models use the local (non Transformer-Engine) layer spec, dropout 0,

@@ -51,7 +51,6 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 0, vpp: int | None = None,
                timeout_minutes: int = 30) -> ParallelConfig:
     """Start torch.distributed from torchrun's env and Megatron's parallel groups."""
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from grail_megatron.megatron import cpu_support
 

@@ -19,8 +19,18 @@ def register():
 
 
 def setup_worker_process() -> None:
-    """Ray `worker_process_setup_hook`: runs in every Ray worker before any actor starts."""
-    register()
+    """Ray `worker_process_setup_hook`: runs in every Ray worker before any actor starts.
+
+    A failure is logged, not raised: Ray would otherwise kill workers that never need the mode
+    (reward workers, vLLM servers); the TaskRunner then fails with verl's "Unknown trainer
+    'grail_megatron'" next to this log line.
+    """
+    import logging
+
+    try:
+        register()
+    except Exception:  # noqa: BLE001 - see docstring
+        logging.getLogger(__name__).exception("could not register verl trainer mode %r", TRAINER_MODE)
 
 
 def run_verl(cfg) -> None:

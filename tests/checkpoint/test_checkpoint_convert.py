@@ -165,3 +165,34 @@ def test_corrupt_or_mismatched_checkpoints_are_refused(tmp_path):
     assert "checkpoint (128, 64) vs config (64, 64)" in results["hidden_mismatch"]
     assert results["unsupported"].startswith("UnsupportedModelError: model_type 'gpt2'")
     assert issubclass(UnsupportedModelError, CheckpointError)
+
+
+def test_verl_checkpoint_with_hf_weights_is_resharded_and_checked(tmp_path):
+    """verl's default (use_dist_checkpointing=False) saves the weights as HF under model/huggingface."""
+    from safetensors.torch import save_file
+
+    from grail_megatron.checkpoint.to_hf import convert_to_hf
+
+    hf = tiny_hf_model(tmp_path / "hf", arch="llama", tie=False, kv_heads=2, dtype="bfloat16")
+    weights = _hf_tensors(hf)
+    actor_hf = tmp_path / "run" / "global_step_3" / "actor" / "model" / "huggingface"
+    shutil.copytree(hf, actor_hf)
+    report = convert_to_hf(tmp_path / "run" / "global_step_3" / "actor", tmp_path / "out", max_shard_bytes=50_000,
+                           progress=False)
+    converted = _hf_tensors(tmp_path / "out")
+    assert len(report.shards) > 1 and report.dtype == "bfloat16"
+    assert converted.keys() == weights.keys() and all(torch.equal(converted[k], weights[k]) for k in weights)
+
+    # a sharded source whose index names a shard that is gone; then a tensor missing from the weights
+    (actor_hf / "model.safetensors").unlink()
+    shutil.copy(tmp_path / "out" / "model.safetensors.index.json", actor_hf)
+    for shard in report.shards[1:]:
+        shutil.copy(tmp_path / "out" / shard, actor_hf / shard)
+    with pytest.raises(CheckpointError, match=rf"shard {report.shards[0]} listed in model.safetensors.index.json is missing"):
+        convert_to_hf(actor_hf.parent.parent, tmp_path / "out2", progress=False)
+    for f in actor_hf.glob("model*"):
+        f.unlink()
+    save_file({k: v for k, v in weights.items() if k != "lm_head.weight"}, str(actor_hf / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"weights do not match config.json: missing \['lm_head.weight'\]"):
+        convert_to_hf(actor_hf.parent.parent, tmp_path / "out2", progress=False)
+    assert not (tmp_path / "out2").exists() and not list(tmp_path.glob(".out2*"))

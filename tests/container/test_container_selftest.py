@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -46,16 +47,19 @@ def background(tmp_path_factory):
     the script's `--cpu` mode and `grail-megatron train --dry-run` with its GRPO overrides."""
     work = tmp_path_factory.mktemp("selftest")
     cpu = subprocess.Popen(["bash", str(SCRIPT), "--cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, env=script_env({"GRAIL_SELFTEST_DIR": str(work)}))
+                           text=True, env=script_env({"GRAIL_SELFTEST_DIR": str(work)}),
+                           start_new_session=True)  # its own process group: torchrun and ranks
     printed = run_script("--print-grpo-overrides", env={"GRAIL_SELFTEST_DIR": "/work/selftest"})
     assert printed.returncode == 0, printed.stderr
     exe = Path(sys.executable).parent / "grail-megatron"
-    dry = subprocess.Popen([str(exe), "train", "--dry-run", *printed.stdout.split()], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env=script_env())
-    yield {"cpu": (work, cpu), "dry_run": (printed.stdout.split(), dry)}
-    for proc in (cpu, dry):
+    dry_log = work / "dry_run.out"  # files, not pipes: the resolved config is ~35 KB
+    with dry_log.open("w") as out, (work / "dry_run.err").open("w") as err:
+        dry = subprocess.Popen([str(exe), "train", "--dry-run", *printed.stdout.split()], stdout=out,
+                               stderr=err, text=True, env=script_env(), start_new_session=True)
+    yield {"cpu": (work, cpu), "dry_run": (printed.stdout.split(), dry, dry_log)}
+    for proc in (cpu, dry):  # only if a test stopped early: end the run and everything it started
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
 
 
@@ -167,10 +171,11 @@ def test_grpo_run_passes_the_trainers_dry_run(background):
     planner and verl's validate_config all accept the two-step run; the resolved config is it."""
     import yaml
 
-    overrides, proc = background["dry_run"]
-    out, err = proc.communicate(timeout=600)
+    overrides, proc, log = background["dry_run"]
+    proc.wait(timeout=600)
+    out = log.read_text()
     assert "actor_rollout_ref.rollout.name=vllm" in overrides
-    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert proc.returncode == 0, out[-3000:] + log.with_suffix(".err").read_text()[-3000:]
     assert "RESULT: the configured run passes every check." in out
     assert "verl validate_config: passed" in out
     resolved = yaml.safe_load(out.split("# resolved config\n", 1)[1].split("\n# plan\n", 1)[0])

@@ -7,8 +7,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def sums_run(tmp_path_factory):
-    """Tokenizer + random-init tiny Qwen2 + short warm start + sums parquet files."""
+    """Tokenizer + random-init tiny Qwen2 + the recipe's warm start + sums parquet files."""
     from grail_megatron.local.recipes import prepare_sums_run
-    from grail_megatron.local.warm_start import WarmStartSettings
 
-    return prepare_sums_run(tmp_path_factory.mktemp("sums"), warm=WarmStartSettings(steps=100))
+    return prepare_sums_run(tmp_path_factory.mktemp("sums"))

@@ -142,3 +142,26 @@ def _tags(tensorboard: Path) -> list[str]:
     events = EventAccumulator(str(tensorboard))
     events.Reload()
     return events.Tags()["scalars"]
+
+
+# Reduced-size learning check (the full one, +0.2 over the smoke run's steps, is in `make smoke`):
+# same recipe at TP=1 for LEARN_STEPS steps with fixed seeds, so the gain is reproducible.
+LEARN_STEPS = 40
+LEARN_MIN_GAIN = 0.05
+
+
+def test_reward_improves_on_sums(base_config, tmp_path):
+    from grail_megatron.local.smoke import learning_gain, reward_curve
+
+    tb = tmp_path / "tb"
+    config = _config_file(base_config, tmp_path, "learn", **{
+        "trainer.default_local_dir": str(tmp_path / "ckpt"), "trainer.total_training_steps": LEARN_STEPS,
+        "actor_rollout_ref.actor.megatron.tensor_model_parallel_size": 1,
+    })
+    lines: list[str] = []
+    code = _finish(_launch(config, tb), lines, timeout=400)
+    assert code == 0, "\n".join(lines[-40:])
+    rewards = reward_curve(tb)
+    assert len(rewards) == LEARN_STEPS
+    first, last, gain = learning_gain(rewards)
+    assert gain >= LEARN_MIN_GAIN, f"first 5 {first:.3f}, last 5 {last:.3f}: {rewards}"

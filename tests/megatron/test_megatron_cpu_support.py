@@ -95,6 +95,31 @@ def task_bf16(model_dir):
     return diff, error
 
 
+def task_threads():
+    """The device mode is per thread: `on_cpu_thread` carries it into worker threads."""
+    import threading
+
+    def allocate():
+        return torch.zeros(1, device="cuda").device.type
+
+    outcome = {}
+
+    def plain():
+        try:
+            outcome["plain"] = allocate()
+        except RuntimeError as exc:
+            outcome["plain"] = str(exc)
+
+    def wrapped():
+        outcome["wrapped"] = cpu_support.on_cpu_thread(allocate)()
+
+    for target in (plain, wrapped):
+        thread = threading.Thread(target=target)
+        thread.start()
+        thread.join()
+    return outcome, allocate()
+
+
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def pool():
@@ -152,6 +177,13 @@ def test_bf16_forward_on_cpu_and_training_needs_gpu(pool, model_dir):
     for diff, error in pool.run(task_bf16, model_dir):
         assert 0.0 < diff < 0.05  # bf16 rounding, but the same model
         assert error is not None and "needs a GPU" in error and "float32" in error
+
+
+@pytest.mark.multiproc
+def test_device_mode_is_per_thread(pool):
+    outcome, main_thread = pool.run(task_threads)[0]
+    assert main_thread == "cpu" and outcome["wrapped"] == "cpu"
+    assert NO_DRIVER in outcome["plain"]
 
 
 # ----------------------------------------------------------------------------- in-process units

@@ -228,3 +228,16 @@ def test_resource_pools_on_a_local_ray_cluster(verl_classes, monkeypatch):
     finally:
         ray.shutdown()
         shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def test_ray_setup_hook_named_in_the_config_registers_the_mode(verl_classes):
+    import importlib
+
+    from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
+
+    *_, GrailMegatronTrainer = verl_classes
+    hook = compose().ray_kwargs.ray_init.runtime_env.worker_process_setup_hook
+    module, _, func = hook.rpartition(".")
+    TRAINER_REGISTRY.pop("grail_megatron")  # as in a fresh Ray worker process
+    getattr(importlib.import_module(module), func)()
+    assert TRAINER_REGISTRY["grail_megatron"] is GrailMegatronTrainer

@@ -82,7 +82,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
 
 
 def tiny_hf_model(out_dir: Path, arch: str = "qwen2", tie: bool = True, kv_heads: int = 2,
-                  layers: int = 4, dtype: str = "float32", tokenizer_dir: Path | None = None) -> Path:
+                  layers: int = 2, dtype: str = "float32", tokenizer_dir: Path | None = None) -> Path:
     """A random-init tiny HF model folder built with the project's own tiny-model maker.
 
     The tokenizer has an odd vocabulary (321 BPE tokens + 4 GRAIL tags = 325), so TP=2 pads

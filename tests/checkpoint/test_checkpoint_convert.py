@@ -158,7 +158,7 @@ def test_corrupt_or_mismatched_checkpoints_are_refused(tmp_path):
     assert "distcp" in results["missing_shard"] and "reading" in results["missing_shard"]
     assert "reading" in results["truncated"]
     assert "not a complete dist checkpoint (no .metadata" in results["no_metadata"]
-    assert "stores 4 layers but config.json has num_hidden_layers=3" in results["layers_mismatch"]
+    assert "stores 2 layers but config.json has num_hidden_layers=3" in results["layers_mismatch"]
     assert "config.json: cannot load" in results["bad_config"] and "num_hidden_layers" in results["bad_config"]
     assert "two checkpoint tensors map to model.embed_tokens.weight: config.json says tie_word_embeddings=True" \
         in results["tied_mismatch"]

@@ -1,0 +1,44 @@
+"""`grail-megatron convert ...` argument handling and exit codes (in a forked single rank)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+
+import pytest
+
+from ckpt_testlib import free_port, run_ranks, tiny_hf_model
+
+
+def _cli_session(hf, root, out):
+    from grail_megatron.checkpoint.cli import main
+
+    def run(*argv):
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = main(list(argv))
+        return code, stdout.getvalue(), stderr.getvalue()
+
+    results = {"from_hf": run("from-hf", "--model", str(hf), "--out", str(root), "--tp", "1", "--pp", "1")}
+    os.environ["MASTER_PORT"] = str(free_port())  # the converter starts its own single-rank group
+    results["to_hf"] = run("to-hf", "--ckpt", str(root), "--out", str(out), "--verify", "--no-progress")
+    results["to_hf_again"] = run("to-hf", "--ckpt", str(root), "--out", str(out), "--no-progress")
+    results["from_hf_again"] = run("from-hf", "--model", str(hf), "--out", str(root))
+    results["missing"] = run("to-hf", "--ckpt", str(root / "global_step_9"), "--out", str(out) + "x")
+    return results
+
+
+@pytest.mark.multiproc
+def test_cli_from_hf_then_to_hf_with_verify(tmp_path):
+    hf = tiny_hf_model(tmp_path / "hf", arch="llama", tie=False, kv_heads=1)
+    [r] = run_ranks(_cli_session, 1, hf, tmp_path / "run", tmp_path / "out")
+    assert r["from_hf"][0] == 0
+    code, stdout, _ = r["to_hf"]
+    assert code == 0, r["to_hf"]
+    assert "max abs logit difference" in stdout and ": OK" in stdout
+    assert "wrote " in stdout and "source layout {'tp': 1, 'pp': 1, 'dp': 1, 'vpp': 1}" in stdout
+    assert (tmp_path / "out" / "config.json").is_file()
+    assert r["to_hf_again"][0] == 1 and "exists and is not empty (pass --overwrite" in r["to_hf_again"][2]
+    assert r["from_hf_again"][0] == 1 and "global_step_0 exists (pass --overwrite" in r["from_hf_again"][2]
+    assert r["missing"][0] == 1 and "global_step_9: does not exist" in r["missing"][2]

@@ -6,6 +6,7 @@ Builds a random-init bf16 Qwen2 of ~1 GB, converts it once to a TP1/PP1 dist che
 (`from-hf`), then converts that checkpoint back to HF twice, each in a fresh process:
   streaming  the converter (one transformer layer in memory at a time, shards written in place)
   baseline   read every tensor of the checkpoint into memory, then map and write the shards
+             (safetensors.save_file per shard, then fsync like the converter)
 and reports wall time, throughput (output GB / s) and peak RSS (ru_maxrss of the process),
 plus the RSS of a process that only imports the same libraries (the fixed overhead).
 """
@@ -109,6 +110,9 @@ def child_baseline(ckpt: str, out: str, max_shard: int) -> dict:
     for shard in plan_shards(specs, max_shard):
         save_file({s.name: hf[s.name] for s in shard.specs}, str(Path(out) / shard.filename))
         total += sum(s.nbytes for s in shard.specs)
+    from grail_megatron.checkpoint.fsutil import fsync_tree
+
+    fsync_tree(out)  # the same durability as the converter (which fsyncs before its rename)
     return {"bytes": total}
 
 

@@ -297,11 +297,11 @@ def _verl_manifest(step: int, paths: ActorPaths, has_optimizer: bool, has_hf: bo
     }
 
 
-def _prepare_temp_dir(tmp: Path, paths: ActorPaths) -> None:
+def _prepare_temp_dir(tmp: Path, paths: ActorPaths, with_optimizer: bool) -> None:
     if tmp.exists():
         logger.warning("removing leftover incomplete checkpoint %s", tmp)
         shutil.rmtree(tmp)
-    for directory in (paths.model_dist, paths.optimizer_dist, paths.extra_dist):
+    for directory in (paths.model_dist, paths.extra_dist) + ((paths.optimizer_dist,) if with_optimizer else ()):
         directory.mkdir(parents=True)
 
 
@@ -381,8 +381,8 @@ def save_checkpoint(
     returned by `load_checkpoint` as `trainer_state`. dataloader_state: any picklable object
     (verl stores `StatefulDataLoader.state_dict()` the same way). hf_assets_dir: an HF model
     folder whose config, tokenizer and generation config files are copied next to `hf_config`
-    (weights are not copied). checksums: also record SHA-256
-    of every file (costs one read pass). keep_last: delete older steps beyond this many.
+    (weights are not copied). checksums: also record SHA-256 of every file (costs one read
+    pass). keep_last: delete older steps beyond this many.
     Returns the final step directory.
     """
     import torch.distributed as dist
@@ -392,7 +392,7 @@ def save_checkpoint(
     paths = ActorPaths.v2(tmp / ROLE)
     layout = _layout_info(models)
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    _run_on_rank0(lambda: (root.mkdir(parents=True, exist_ok=True), _prepare_temp_dir(tmp, paths)))
+    _run_on_rank0(lambda: (root.mkdir(parents=True, exist_ok=True), _prepare_temp_dir(tmp, paths, optimizer is not None)))
 
     dist_save(model_sharded_state_dict(models), paths.model_dist)
     if optimizer is not None:

@@ -17,9 +17,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from grail_megatron.local.preemption import EXIT_PREEMPTED, PREEMPT_SIGNALS, STOP_FILE_ENV
+from grail_megatron.local.preemption import EXIT_PREEMPTED, PREEMPT_SIGNALS, STATUS_FILE_ENV, STOP_FILE_ENV
 
-STATUS_FILE_ENV = "GRAIL_LOCAL_STATUS_FILE"
 CONFIG_FILE_NAME = "local_config.yaml"
 
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from grail_megatron.local import scoring
 from grail_megatron.local.dataset import PromptRecord, PromptSampler, load_prompts
 from grail_megatron.local.metrics import MetricLogger, batch_metrics, reward_component_metrics, to_data_proto
-from grail_megatron.local.preemption import EXIT_PREEMPTED, PreemptionWatcher, stop_file_from_env
+from grail_megatron.local.preemption import EXIT_PREEMPTED, STATUS_FILE_ENV, PreemptionWatcher, stop_file_from_env
 from grail_megatron.local.rollout import HFRollout
 from grail_megatron.local.settings import LocalSettings
 
@@ -151,7 +151,7 @@ def _preempted(step: int, tracker: MetricLogger | None) -> int:
     """Checkpoint is written: tell the launcher (status file) and exit with 75."""
     if tracker is not None:
         tracker.finish()
-        status = os.environ.get("GRAIL_LOCAL_STATUS_FILE")
+        status = os.environ.get(STATUS_FILE_ENV)
         if status:
             with open(status, "w") as f:
                 json.dump({"preempted": True, "step": step}, f)

@@ -14,6 +14,7 @@ from pathlib import Path
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; SLURM requeue scripts key on it
 PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 STOP_FILE_ENV = "GRAIL_LOCAL_STOP_FILE"
+STATUS_FILE_ENV = "GRAIL_LOCAL_STATUS_FILE"  # rank 0 reports {"preempted": true, "step": N} here
 
 
 class PreemptionWatcher:

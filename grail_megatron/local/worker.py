@@ -8,7 +8,7 @@ import os
 import sys
 import warnings
 
-from grail_megatron.local.preemption import EXIT_PREEMPTED
+from grail_megatron.local.preemption import EXIT_PREEMPTED, STATUS_FILE_ENV
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +37,6 @@ if __name__ == "__main__":
     code = main()
     # Under the launcher a preemption is reported through the status file and the ranks exit 0,
     # so torchrun does not print a worker-failure report; run directly, the code is 75.
-    if code == EXIT_PREEMPTED and os.environ.get("GRAIL_LOCAL_STATUS_FILE"):
+    if code == EXIT_PREEMPTED and os.environ.get(STATUS_FILE_ENV):
         code = 0
     sys.exit(code)

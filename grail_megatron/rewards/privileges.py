@@ -3,11 +3,13 @@
 Run as root (the training containers do), a process gives itself a private network
 namespace (loopback down, so no socket reaches anything) and then becomes an unprivileged
 uid: RLIMIT_NPROC is ignored for uid 0, and only a non-root uid cannot read other users'
-files or signal their processes. Run as a normal user, it enters a new user namespace so
-that it can still create the network namespace.
+files or signal their processes. Run as a normal user (a SLURM node), it enters a new user
+namespace mapping only its own uid, which lets it create the other namespaces and mounts;
+the code it then runs gives up every capability (``drop_capabilities``).
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 from dataclasses import dataclass
@@ -39,17 +41,70 @@ class Limits:
                 resource.setrlimit(which, (value, value))
 
 
-def isolate_network() -> None:
-    """Move the calling process into a new network (and IPC) namespace."""
-    flags = os.CLONE_NEWNET | os.CLONE_NEWIPC
+def isolate_network(extra_flags: int = 0) -> None:
+    """Move the calling process into a new network (and IPC) namespace (plus
+    ``extra_flags``); a non-root caller first enters its own user namespace."""
+    flags = os.CLONE_NEWNET | os.CLONE_NEWIPC | extra_flags
     if os.geteuid() == 0:
         os.unshare(flags)
         return
+    enter_user_namespace(flags)
+
+
+def enter_user_namespace(flags: int = 0) -> None:
+    """Unshare a user namespace (with ``flags``) that maps only the caller's uid and gid to
+    themselves: full capabilities over the new namespaces, none over anything else."""
     uid, gid = os.geteuid(), os.getegid()
-    os.unshare(flags | os.CLONE_NEWUSER)
+    os.unshare(os.CLONE_NEWUSER | flags)
     _write("/proc/self/setgroups", "deny")
     _write("/proc/self/uid_map", f"{uid} {uid} 1")
     _write("/proc/self/gid_map", f"{gid} {gid} 1")
+
+
+def forbid_nested_user_namespaces() -> None:
+    """No process of our user namespace may create another one (its per-namespace
+    ``max_user_namespaces`` becomes 0): sandboxed code cannot regain capabilities."""
+    _write("/proc/sys/user/max_user_namespaces", "0")
+
+
+_PR_CAPBSET_DROP = 24
+_PR_SET_NO_NEW_PRIVS = 38
+_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def drop_capabilities() -> None:
+    """Give up every capability for good: empty bounding set, empty effective/permitted/
+    inheritable sets, no_new_privs (no setuid or file-capability binary restores any).
+
+    For a process of a user namespace that maps only its own (non-zero) uid: without
+    CAP_SYS_ADMIN it cannot unmount what hides the caller's files or remount them writable.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open("/proc/sys/kernel/cap_last_cap") as handle:
+        last_cap = int(handle.read())
+    for cap in range(last_cap + 1):
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            _raise_errno(f"prctl(PR_CAPBSET_DROP, {cap})")
+    header = _CapHeader(_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if libc.capset(ctypes.byref(header), data) != 0:
+        _raise_errno("capset")
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        _raise_errno("prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def _raise_errno(what: str) -> None:
+    errno = ctypes.get_errno()
+    raise OSError(errno, f"{what}: {os.strerror(errno)}")
 
 
 def drop_to(uid: int = NOBODY_UID, gid: int = NOBODY_GID) -> None:

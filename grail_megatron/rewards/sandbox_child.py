@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 
-from grail_megatron.rewards.privileges import Limits, drop_to
+from grail_megatron.rewards.privileges import Limits, drop_capabilities, drop_to
 
 # The reference's reliability_guard: these become None ...
 _NULLED_OS = (
@@ -111,22 +111,102 @@ def _expose(libc, plan: dict[str, list[str]]) -> None:
             os.close(handle)
 
 
-def _private_filesystem(tmpfs_bytes: int, uid: int, gid: int, exposure: dict[str, list[str]]) -> str:
+def hiding_plan(hidden: tuple[str, ...], paths: list[str]) -> dict[str, list[str]]:
+    """For ``userns`` mode: each directory to hide (outermost only) with the import
+    directories inside it that must stay visible (bind-mounted back, read-only)."""
+    imports = sorted({os.path.realpath(p) for p in paths if p and os.path.isdir(p)})
+    outermost = [d for d in hidden if not any(d != o and d.startswith(o + os.sep) for o in hidden)]
+    plan: dict[str, list[str]] = {}
+    for directory in outermost:
+        needed = plan.setdefault(directory, [])
+        for path in imports:
+            inside = path == directory or path.startswith(directory + os.sep)
+            if inside and not any(path == kept or path.startswith(kept + os.sep) for kept in needed):
+                needed.append(path)
+    return plan
+
+
+_SYS_MOUNT_SETATTR = 442  # the same number on x86_64 and aarch64
+_AT_FDCWD, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
+_MS_REMOUNT = 0x20
+# Per-mount flags a remount inside a user namespace must repeat (they are locked).
+_LOCKED_OPTIONS = {"nosuid": _MS_NOSUID, "nodev": _MS_NODEV, "noexec": _MS_NOEXEC,
+                   "noatime": 0x400, "nodiratime": 0x800, "relatime": 0x200000}
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def make_tree_read_only(libc, force_remount: bool = False) -> None:
+    """Every mount of this (private) mount namespace becomes read-only: in ``userns`` mode
+    the test runs as the caller's uid, which owns files it must not change."""
+    if not force_remount:
+        attr = _MountAttr(_MOUNT_ATTR_RDONLY, 0, 0, 0)
+        if libc.syscall(_SYS_MOUNT_SETATTR, _AT_FDCWD, b"/", _AT_RECURSIVE,
+                        ctypes.byref(attr), ctypes.sizeof(attr)) == 0:
+            return
+        if ctypes.get_errno() != 38:  # ENOSYS: kernel < 5.12, remount one by one below
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"mount_setattr /: {os.strerror(errno)}")
+    with open("/proc/self/mountinfo") as handle:
+        mounts = [line.split() for line in handle]
+    for fields in mounts:
+        target = fields[4].encode().decode("unicode_escape").encode()  # \040 is a space
+        flags = _MS_REMOUNT | _MS_BIND | _MS_RDONLY
+        for option in fields[5].split(","):
+            flags |= _LOCKED_OPTIONS.get(option, 0)
+        if libc.mount(None, target, None, flags, None) != 0:
+            errno = ctypes.get_errno()
+            if errno not in (2, 13):  # ENOENT/EACCES: a mount point we cannot even reach
+                raise OSError(errno, f"remount {target.decode()} read-only: {os.strerror(errno)}")
+
+
+def _hide(libc, plan: dict[str, list[str]]) -> None:
+    """Cover each planned directory with an empty read-only tmpfs, import dirs bound back."""
+    _expose(libc, plan)
+    for directory in plan:
+        flags = _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV
+        _mount(libc, b"none", directory.encode(), None, flags, None)
+
+
+def _private_filesystem(config, exposure: dict[str, list[str]]) -> str:
     """New mount namespace: fresh tmpfs on the world-writable dirs, a /proc of our pid
-    namespace; returns the private work directory (gone when the namespace dies)."""
+    namespace; returns the private work directory (gone when the namespace dies).
+
+    ``root`` mode: ``exposure`` (import_path_exposure) makes the imports reachable for
+    ``nobody``. ``userns`` mode: the whole tree is read-only and ``exposure``
+    (hiding_plan) hides the caller's private directories.
+    """
     libc = ctypes.CDLL(None, use_errno=True)
     os.unshare(os.CLONE_NEWNS)
     _mount(libc, b"none", b"/", None, _MS_REC | _MS_PRIVATE, None)
-    _expose(libc, exposure)
-    options = f"size={tmpfs_bytes},mode=1777".encode()
+    if config.mode == "userns":
+        make_tree_read_only(libc, force_remount=config.remount_each)
+        _hide(libc, exposure)
+    else:
+        _expose(libc, exposure)
+    options = f"size={config.tmpfs_bytes},mode=1777".encode()
     for target in _PRIVATE_TMPFS:
         if os.path.isdir(target):
             _mount(libc, b"tmpfs", target.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, options)
-    _mount(libc, b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None)
+    _mount_proc(libc)
     workdir = "/tmp/work"
     os.mkdir(workdir, 0o700)
-    os.chown(workdir, uid, gid)
+    if config.mode == "root":
+        os.chown(workdir, config.uid, config.gid)
     return workdir
+
+
+def _mount_proc(libc) -> None:
+    """A /proc of the test's own PID namespace. Where the kernel refuses a new procfs
+    (a container that masks parts of /proc, in userns mode), an empty one: the host's
+    /proc would show the trainer's processes, whose environment our uid may read."""
+    flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
+    if libc.mount(b"proc", b"/proc", b"proc", flags, None) == 0:
+        return
+    _mount(libc, b"tmpfs", b"/proc", b"tmpfs", flags | _MS_RDONLY, b"size=4k,mode=0555")
 
 
 def _reference_guard() -> None:
@@ -171,7 +251,7 @@ def run_test(  # pragma: no cover - runs in the forked child only
     program: str, result_fd: int, config, exposure: dict[str, list[str]], nonce: str
 ) -> None:
     """Confine, execute, report, exit (child only). ``config`` is a ``SandboxConfig``,
-    ``exposure`` the result of ``import_path_exposure``; the verdict carries ``nonce``, so
+    ``exposure`` the result of ``import_path_exposure`` (root mode) or ``hiding_plan``; the verdict carries ``nonce``, so
     a program that writes a made-up verdict to every descriptor is not believed (one that
     digs the nonce out of this frame could still lie: the verdict of code running in the
     same interpreter is only as honest as that code, as in the reference)."""
@@ -185,7 +265,7 @@ def run_test(  # pragma: no cover - runs in the forked child only
             os.dup2(devnull, fd)
         os.closerange(3, result_fd)
         os.closerange(result_fd + 1, 1 << 16)
-        workdir = _private_filesystem(config.tmpfs_bytes, config.uid, config.gid, exposure)
+        workdir = _private_filesystem(config, exposure)
         os.chdir(workdir)
         os.environ.clear()
         Limits(
@@ -195,7 +275,10 @@ def run_test(  # pragma: no cover - runs in the forked child only
             file_size=config.max_file_bytes,
             open_files=config.max_open_files,
         ).apply()
-        drop_to(config.uid, config.gid)
+        if config.mode == "root":
+            drop_to(config.uid, config.gid)
+        else:  # userns: keep the caller's uid, give up the namespace's capabilities
+            drop_capabilities()
         _reference_guard()
         sys.stdout = sys.stderr = _WriteOnlySink()
         sys.stdin = None

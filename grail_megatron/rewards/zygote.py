@@ -11,6 +11,12 @@ never runs model code itself, so its state stays clean; every test gets a fresh 
 * has its own mount namespace with fresh tmpfs on /tmp, /var/tmp and /dev/shm, so nothing
   it writes survives it or is seen by another test;
 * runs as ``nobody`` with rlimits and the reference's guard (``sandbox_child``).
+
+Not root (``userns`` mode, ``sandbox_mode.py``), the zygote first enters a user namespace
+of its own uid with fresh network, IPC and PID namespaces, and serves from a forked child
+that is PID 1 there (so that it may re-enter its own PID namespace after each fork). Tests
+keep the caller's uid but see a read-only tree with private directories hidden, and drop
+every capability; nested user namespaces are forbidden.
 """
 from __future__ import annotations
 
@@ -21,8 +27,9 @@ import signal
 import sys
 import time
 
-from grail_megatron.rewards.sandbox_child import import_path_exposure, run_test
+from grail_megatron.rewards.sandbox_child import hiding_plan, import_path_exposure, run_test
 from grail_megatron.rewards.sandbox_config import SandboxConfig
+from grail_megatron.rewards.sandbox_mode import unavailable_message
 
 # Warm imports: what an MBPP child typically needs, and what a reference child
 # (multiprocessing spawn + GRAIL's guard) already has loaded.
@@ -106,7 +113,10 @@ class Zygote:
     def __init__(self, config: SandboxConfig) -> None:
         self.config = config
         self._own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY)
-        self._exposure = import_path_exposure(sys.path) if os.geteuid() == 0 else {}
+        if config.mode == "root":
+            self._exposure = import_path_exposure(sys.path)
+        else:
+            self._exposure = hiding_plan(config.hidden_dirs, sys.path)
 
     def _start(self, program: str) -> _RunningTest:
         nonce = os.urandom(16).hex()
@@ -170,24 +180,78 @@ class Zygote:
 _STATUSES = {"success", "syntax_error", "runtime_error", "process_error", "timeout"}
 
 
-def main() -> None:  # pragma: no cover - runs as the zygote process
+def _enter_root_mode() -> None:
     from grail_megatron.rewards.privileges import isolate_network
 
     if os.geteuid() != 0:
         # Per-test PID/mount namespaces, setns back, and the switch to an unprivileged uid
         # (which is what makes RLIMIT_NPROC bite) all need real root.
-        sys.stderr.write("the MBPP sandbox must be started as root (it runs each test as nobody)\n")
-        sys.exit(1)
+        raise PermissionError(f"running as uid {os.geteuid()}")
+    isolate_network()
+
+
+def _enter_userns_mode() -> None:  # pragma: no cover - the outer process never returns
+    """User namespace (own uid only) + network, IPC and PID namespaces; the caller returns
+    as PID 1 of the new PID namespace, its parent just relays the exit status."""
+    import ctypes
+
+    from grail_megatron.rewards.privileges import enter_user_namespace, forbid_nested_user_namespaces
+
+    enter_user_namespace(os.CLONE_NEWNET | os.CLONE_NEWIPC | os.CLONE_NEWPID)
+    forbid_nested_user_namespaces()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        os.read(read_end, 1)  # the child set its death signal (no race with our death)
+        os._exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) & 0xFF)
+    os.close(read_end)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: the pool kills our parent
+    os.close(write_end)
+
+
+def _process_limit(config: SandboxConfig) -> SandboxConfig:
+    """RLIMIT_NPROC counts per user namespace from Linux 5.14 on; before, it counts every
+    process of the (shared) uid, so the cap becomes "what exists now + the configured"."""
+    import dataclasses
+    import platform
+
+    release = tuple(int(part) for part in platform.release().split("-")[0].split(".")[:2])
+    if config.mode != "userns" or release >= (5, 14):
+        return config
+    uid = os.getuid()
+    existing = sum(1 for entry in os.listdir("/proc") if entry.isdigit() and _owner(entry) == uid)
+    return dataclasses.replace(config, max_processes=existing + config.max_processes)
+
+
+def _owner(pid: str) -> int:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return -1
+
+
+def main() -> None:  # pragma: no cover - runs as the zygote process
     config = SandboxConfig(**json.loads(sys.argv[1]))
     _preload()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool owner decides when we stop
-    isolate_network()
+    try:
+        if config.mode == "root":
+            _enter_root_mode()
+        else:
+            config = _process_limit(config)
+            _enter_userns_mode()
+    except OSError as exc:
+        sys.stderr.write(unavailable_message(config.mode, f"{type(exc).__name__}: {exc}") + "\n")
+        sys.exit(1)
     zygote = Zygote(config)
     # Fail loudly at start (not with every verdict) where namespaces or mounts are denied,
     # e.g. an unprivileged container with a restrictive seccomp profile.
     probe = zygote.run_tests(["import os\nassert os.getuid() != 0"], timeout=max(config.timeout, 5.0))[0]
     if probe["status"] != "success":
-        sys.stderr.write(f"sandbox self-test failed: {probe['error']}\n")
+        detail = f"the sandbox self-test failed: {probe['error']}"
+        sys.stderr.write(unavailable_message(config.mode, detail) + "\n")
         sys.exit(1)
     zygote.serve(sys.stdin.buffer, sys.stdout.buffer)
 

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 import random
-from pathlib import Path
 
 import pytest
 import torch
 
 from ckpt_testlib import run_ranks, tiny_hf_model
-from grail_megatron.checkpoint import CheckpointError, IncompleteCheckpointError, latest_complete_step, verify_step
+from grail_megatron.checkpoint import CheckpointError, latest_complete_step, verify_step
 
 
 @pytest.fixture(scope="module")

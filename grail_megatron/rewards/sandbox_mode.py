@@ -1,0 +1,87 @@
+"""Which confinement the MBPP sandbox uses, and the loud error when none is possible.
+
+Two backends, one set of guarantees (``docs/rewards.md``, "The MBPP sandbox"):
+
+* ``root``: the zygote runs as uid 0 and switches every test to ``nobody`` (65534);
+* ``userns``: the zygote is not root (a SLURM or shared GPU node) and enters an
+  unprivileged user namespace that maps only its own uid; each test gets the same
+  namespaces, a read-only view of the file system with the caller's private directories
+  hidden, and no capabilities.
+
+``GRAIL_SANDBOX_MODE`` (``auto``, the default: ``root`` as uid 0, else ``userns``) forces a
+backend. When the chosen backend cannot start, the pool raises ``SandboxUnavailable`` with
+the message of ``unavailable_message``; MBPP scoring then stops with that error unless the
+caller explicitly accepts format-only MBPP rewards (``format_only_allowed``).
+"""
+from __future__ import annotations
+
+import os
+import pwd
+
+MODE_ENV = "GRAIL_SANDBOX_MODE"
+FORMAT_ONLY_ENV = "GRAIL_ALLOW_FORMAT_ONLY_MBPP"
+HIDE_ENV = "GRAIL_SANDBOX_HIDE"
+MODES = ("auto", "root", "userns")
+# Hidden from tests in ``userns`` mode, in addition to the caller's home (and anything in
+# GRAIL_SANDBOX_HIDE): other homes, root's, and /run (sockets of D-Bus, Docker, ...).
+DEFAULT_HIDDEN_DIRS = ("/home", "/root", "/run")
+UNAVAILABLE_PREFIX = "MBPP sandbox unavailable: "
+
+_FIXES = (
+    "enable unprivileged user namespaces (`sysctl -w user.max_user_namespaces=15000`; "
+    "Debian and Ubuntu before 24.04 also need `sysctl -w kernel.unprivileged_userns_clone=1`, "
+    "Ubuntu 24.04+ `sysctl -w kernel.apparmor_restrict_unprivileged_userns=0`; "
+    "in a container, allow the unshare/mount syscalls in its seccomp profile), "
+    "or run the reward workers as root"
+)
+_OPT_OUT = (
+    f"to accept MBPP rewards made of the format terms only (pass rate 0), set {FORMAT_ONLY_ENV}=1 "
+    "or pass allow_format_only_mbpp=True"
+)
+
+
+def resolve_mode(requested: str | None = None) -> str:
+    """``root`` or ``userns`` for ``requested`` (default: ``$GRAIL_SANDBOX_MODE``, else auto)."""
+    mode = (requested or os.environ.get(MODE_ENV) or "auto").strip().lower()
+    if mode not in MODES:
+        raise ValueError(f"{MODE_ENV}={mode!r}: expected one of {', '.join(MODES)}")
+    if mode == "auto":
+        return "root" if os.geteuid() == 0 else "userns"
+    return mode
+
+
+def unavailable_message(mode: str, detail: str) -> str:
+    """One line: what is missing, how to fix it, how to opt out explicitly."""
+    if mode == "root":
+        what = f"{MODE_ENV}=root needs uid 0 and CAP_SYS_ADMIN ({detail})"
+        fix = f"run the reward workers as root, or set {MODE_ENV}=userns (or auto) to use user namespaces"
+    else:
+        what = (f"uid {os.geteuid()} cannot create an unprivileged user namespace with its own "
+                f"mount, PID and network namespaces ({detail}), so model-written code cannot be confined")
+        fix = _FIXES
+    return f"{UNAVAILABLE_PREFIX}{what}. Fix: {fix}. Or, {_OPT_OUT}."
+
+
+def format_only_allowed(explicit: bool | None = None) -> bool:
+    """The explicit opt-in to score MBPP without running the tests (never the default)."""
+    if explicit is not None:
+        return explicit
+    return os.environ.get(FORMAT_ONLY_ENV, "").strip().lower() in {"1", "true", "yes"}
+
+
+def hidden_dirs(extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Directories covered by an empty tmpfs in ``userns`` mode (import dirs inside them
+    are bind-mounted back read-only): the defaults, the caller's home, ``$GRAIL_SANDBOX_HIDE``
+    (``:``-separated) and ``extra``."""
+    homes = {os.environ.get("HOME", "")}
+    try:
+        homes.add(pwd.getpwuid(os.geteuid()).pw_dir)
+    except KeyError:  # a uid without a passwd entry (some container runtimes)
+        pass
+    configured = os.environ.get(HIDE_ENV, "").split(":")
+    found: list[str] = []
+    for path in (*DEFAULT_HIDDEN_DIRS, *sorted(homes), *configured, *extra):
+        real = os.path.realpath(path) if path else ""
+        if real and real != "/" and os.path.isdir(real) and real not in found:
+            found.append(real)
+    return tuple(found)

@@ -16,6 +16,7 @@ _EXPORTS = {
     "route_of": "grail_megatron.rewards.api",
     "SandboxPool": "grail_megatron.rewards.sandbox",
     "SandboxUnavailable": "grail_megatron.rewards.sandbox",
+    "check_sandbox": "grail_megatron.rewards.sandbox",
     "SandboxConfig": "grail_megatron.rewards.sandbox_config",
 }
 __all__ = sorted(_EXPORTS)

@@ -14,7 +14,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from grail_megatron.rewards import gsm8k, math_answer, mbpp
-from grail_megatron.rewards.sandbox import SandboxPool
+from grail_megatron.rewards.sandbox import SandboxPool, SandboxUnavailable, default_pool
+from grail_megatron.rewards.sandbox_mode import format_only_allowed
 
 ROUTES = ("gsm8k", "math", "mbpp")
 
@@ -41,6 +42,7 @@ def compute_score(
     *,
     math_verify: bool = False,
     sandbox: SandboxPool | None = None,
+    allow_format_only_mbpp: bool | None = None,
     **_unused: Any,
 ) -> dict[str, Any]:
     """Score one completion; returns ``{"score": float, <components>...}``.
@@ -49,14 +51,21 @@ def compute_score(
     departure from GRAIL parity). ``sandbox`` selects the MBPP execution pool (default: a
     shared pool sized to the CPU count). Extra keyword arguments from verl's
     ``reward.reward_kwargs`` are accepted and ignored.
+
+    Where no MBPP sandbox can start (neither root nor user namespaces), an MBPP row raises
+    ``SandboxUnavailable``: that is a broken deployment, not a bad row, and scores made of
+    format terms only would silently train on a wrong reward. ``allow_format_only_mbpp=True``
+    (or ``GRAIL_ALLOW_FORMAT_ONLY_MBPP=1``) accepts those scores explicitly.
     """
     try:
-        return _score(data_source, solution_str, ground_truth, math_verify, sandbox)
+        return _score(data_source, solution_str, ground_truth, math_verify, sandbox, allow_format_only_mbpp)
+    except SandboxUnavailable:
+        raise
     except Exception as exc:  # the last line of defence: a reward never kills a step
         return _rejected(f"internal error: {type(exc).__name__}: {exc}")
 
 
-def _score(data_source, solution_str, ground_truth, math_verify, sandbox) -> dict[str, Any]:
+def _score(data_source, solution_str, ground_truth, math_verify, sandbox, allow_format_only) -> dict[str, Any]:
     if not isinstance(data_source, str):
         return _rejected(f"data_source must be a string, got {type(data_source).__name__}")
     route = route_of(data_source)
@@ -72,7 +81,12 @@ def _score(data_source, solution_str, ground_truth, math_verify, sandbox) -> dic
         if not isinstance(ground_truth, str):
             return _rejected(f"ground_truth must be a string, got {type(ground_truth).__name__}", route)
         return math_answer.score(solution_str, ground_truth, math_verify=math_verify)
-    return mbpp.score(solution_str, ground_truth, pool=sandbox)
+    return mbpp.score(solution_str, ground_truth, pool=sandbox, allow_format_only=allow_format_only)
+
+
+def _has_mbpp(items: list) -> bool:
+    return any(isinstance(item, Mapping) and isinstance(item.get("data_source"), str)
+               and route_of(item["data_source"]) == "mbpp" for item in items)
 
 
 def compute_score_batch(
@@ -89,6 +103,9 @@ def compute_score_batch(
     """
     items = list(items)
     workers = max(1, min(max_workers or os.cpu_count() or 1, len(items) or 1))
+    if kwargs.get("sandbox") is None and _has_mbpp(items) and not format_only_allowed(
+            kwargs.get("allow_format_only_mbpp")):
+        default_pool()  # a missing sandbox raises SandboxUnavailable here, before any scoring
 
     def one(item: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(item, Mapping):

@@ -32,6 +32,7 @@ class ScoreArgs:
     workers: int | None
     math_verify: bool
     mbpp_timeout: float
+    allow_format_only_mbpp: bool = False
 
 
 def _parse_args(argv: list[str]) -> ScoreArgs:
@@ -48,8 +49,12 @@ def _parse_args(argv: list[str]) -> ScoreArgs:
                         help="use math-verify for MATH equivalence (departs from GRAIL parity)")
     parser.add_argument("--mbpp-timeout", type=float, default=5.0,
                         help="per-test MBPP timeout in seconds (default 5)")
+    parser.add_argument("--allow-format-only-mbpp", action="store_true",
+                        help="if no MBPP sandbox can start here, score MBPP rows by their format "
+                             "terms only instead of stopping (default: stop with the reason)")
     ns = parser.parse_args(argv)
-    return ScoreArgs(ns.input, ns.out, ns.workers, ns.math_verify, ns.mbpp_timeout)
+    return ScoreArgs(ns.input, ns.out, ns.workers, ns.math_verify, ns.mbpp_timeout,
+                     ns.allow_format_only_mbpp)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -86,19 +91,26 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 def score_rows(rows: list[dict], args: ScoreArgs) -> list[dict]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from grail_megatron.rewards import SandboxConfig, SandboxPool, compute_score_batch
+    from grail_megatron.rewards import SandboxConfig, SandboxPool, SandboxUnavailable, compute_score_batch
 
     results: list[dict] = []
     needs_sandbox = any("mbpp" in str(row["data_source"]).lower() for row in rows)
-    pool = SandboxPool(args.workers, SandboxConfig(timeout=args.mbpp_timeout)) if needs_sandbox else None
+    pool = None
+    if needs_sandbox:
+        try:
+            pool = SandboxPool(args.workers, SandboxConfig(timeout=args.mbpp_timeout))
+        except SandboxUnavailable:
+            if not args.allow_format_only_mbpp:
+                raise
     try:
         with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=_console(stderr=True)) as progress:
             task = progress.add_task("scoring", total=len(rows))
             for start in range(0, len(rows), CHUNK):
                 chunk = rows[start : start + CHUNK]
-                results += compute_score_batch(chunk, max_workers=args.workers,
-                                               math_verify=args.math_verify, sandbox=pool)
+                results += compute_score_batch(
+                    chunk, max_workers=args.workers, math_verify=args.math_verify, sandbox=pool,
+                    allow_format_only_mbpp=args.allow_format_only_mbpp or None)
                 progress.advance(task, len(chunk))
     finally:
         if pool is not None:
@@ -170,7 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as exc:
         print(f"grail-megatron score: {exc}", file=sys.stderr)
         return 2
-    results = score_rows(rows, args)
+    from grail_megatron.rewards.sandbox import SandboxUnavailable
+
+    try:
+        results = score_rows(rows, args)
+    except SandboxUnavailable as exc:
+        print(f"grail-megatron score: {exc}", file=sys.stderr)
+        return 3
     print_summary(summarize(rows, results))
     if args.out is not None:
         write_results_atomically(args.out, results)

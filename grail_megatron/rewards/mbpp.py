@@ -7,10 +7,15 @@ as ``code + "\\n\\n" + test`` in a fresh confined process (``sandbox.py``).
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from grail_megatron.rewards.extract import parse_completion
 from grail_megatron.rewards.sandbox import SandboxPool, SandboxUnavailable, default_pool
+from grail_megatron.rewards.sandbox_mode import format_only_allowed
+
+_LOG = logging.getLogger(__name__)
+_WARNED_FORMAT_ONLY = False
 
 
 def build_tests(test_data: dict) -> list[str]:
@@ -65,7 +70,22 @@ def _execution_summary(verdicts: list[dict]) -> dict[str, Any]:
     }
 
 
-def score(solution_str: str, ground_truth: Any, *, pool: SandboxPool | None = None) -> dict[str, Any]:
+def _format_only_verdicts(exc: SandboxUnavailable, count: int, allow: bool | None) -> list[dict]:
+    """Without a sandbox, never run model code: re-raise unless the caller opted in to
+    format-only MBPP scores (then every test counts as failed, with the reason)."""
+    global _WARNED_FORMAT_ONLY
+    if not format_only_allowed(allow):
+        raise exc
+    if not _WARNED_FORMAT_ONLY:
+        _WARNED_FORMAT_ONLY = True
+        _LOG.warning("MBPP tests are NOT run (format-only scores accepted explicitly): %s", exc)
+    return [{"status": "process_error", "error": str(exc)}] * count
+
+
+def score(solution_str: str, ground_truth: Any, *, pool: SandboxPool | None = None,
+          allow_format_only: bool | None = None) -> dict[str, Any]:
+    """``allow_format_only`` (default: ``$GRAIL_ALLOW_FORMAT_ONLY_MBPP``) accepts format-only
+    scores when no sandbox can start; otherwise that raises SandboxUnavailable."""
     parsed = parse_completion(solution_str)
     code = parsed.inside
     syntax_valid = bool(code) and _compiles(code)
@@ -98,7 +118,7 @@ def score(solution_str: str, ground_truth: Any, *, pool: SandboxPool | None = No
                 try:
                     verdicts = (pool or default_pool()).run([f"{code}\n\n{test}" for test in tests])
                 except SandboxUnavailable as exc:  # never run model code unconfined
-                    verdicts = [{"status": "process_error", "error": str(exc)}] * len(tests)
+                    verdicts = _format_only_verdicts(exc, len(tests), allow_format_only)
                     result["reason"] = str(exc)
                 summary = _execution_summary(verdicts)
             else:  # the reference checks syntax before running anything

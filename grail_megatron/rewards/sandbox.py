@@ -8,6 +8,7 @@ at once, the rest wait for a free zygote.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import os
 import queue
@@ -16,10 +17,30 @@ import sys
 import threading
 
 from grail_megatron.rewards.sandbox_config import SandboxConfig
+from grail_megatron.rewards.sandbox_mode import (
+    MODE_ENV, UNAVAILABLE_PREFIX, hidden_dirs, resolve_mode, unavailable_message)
 
 
 class SandboxUnavailable(RuntimeError):
-    """The sandbox cannot start here (needs Linux namespaces; see docs/rewards.md)."""
+    """No confinement can start here: neither root nor unprivileged user namespaces (the
+    message names what is missing and how to fix it; see docs/rewards.md)."""
+
+
+def resolve_config(config: SandboxConfig) -> SandboxConfig:
+    """``config`` with a concrete mode and, for ``userns``, the directories to hide;
+    raises SandboxUnavailable for a forced mode that cannot work for this uid."""
+    try:
+        mode = resolve_mode(config.mode)
+    except ValueError as exc:
+        raise SandboxUnavailable(f"{UNAVAILABLE_PREFIX}{exc}") from None
+    if mode == "root" and os.geteuid() != 0:
+        raise SandboxUnavailable(unavailable_message("root", f"running as uid {os.geteuid()}"))
+    if mode == "userns" and os.geteuid() == 0:
+        # uid 0 mapped into a namespace is still exempt from RLIMIT_NPROC.
+        raise SandboxUnavailable(f"{UNAVAILABLE_PREFIX}{MODE_ENV}=userns is for non-root processes "
+                                 f"(uid 0 has no process limit); use {MODE_ENV}=root or auto")
+    dirs = hidden_dirs(config.hidden_dirs) if mode == "userns" else config.hidden_dirs
+    return dataclasses.replace(config, mode=mode, hidden_dirs=dirs)
 
 
 class _ZygoteProcess:
@@ -36,7 +57,10 @@ class _ZygoteProcess:
         if line != b"ready\n":
             error = self.proc.stderr.read().decode(errors="replace").strip().splitlines()
             self.close()
-            raise SandboxUnavailable(f"sandbox zygote failed to start: {error[-1] if error else 'no output'}")
+            last = error[-1] if error else "no output"
+            if last.startswith(UNAVAILABLE_PREFIX):
+                raise SandboxUnavailable(last)
+            raise SandboxUnavailable(unavailable_message(config.mode, f"the zygote failed to start: {last}"))
 
     def run(self, programs: list[str], timeout: float) -> list[dict]:
         self.proc.stdin.write(json.dumps({"programs": programs, "timeout": timeout}).encode() + b"\n")
@@ -60,13 +84,18 @@ class SandboxPool:
     """Thread-safe pool of ``workers`` zygotes sharing one ``SandboxConfig``."""
 
     def __init__(self, workers: int | None = None, config: SandboxConfig | None = None) -> None:
-        self.config = config or SandboxConfig()
+        self.config = resolve_config(config or SandboxConfig())
+        self.mode = self.config.mode  # "root" or "userns"
         self.workers = max(1, workers or os.cpu_count() or 1)
         self._free: queue.Queue[_ZygoteProcess] = queue.Queue()
         self._all: list[_ZygoteProcess] = []
         self._lock = threading.Lock()
-        for _ in range(self.workers):
-            self._add()
+        try:
+            for _ in range(self.workers):
+                self._add()
+        except BaseException:
+            self.close()
+            raise
 
     def _add(self) -> None:
         zygote = _ZygoteProcess(self.config)
@@ -126,3 +155,12 @@ def default_pool() -> SandboxPool:
                 raise
             atexit.register(_DEFAULT.close)
         return _DEFAULT
+
+
+def check_sandbox() -> str:
+    """Start the process-wide pool now and return its mode (``root`` or ``userns``).
+
+    Call it where a trainer starts (before the first MBPP reward), so that a node without
+    a usable sandbox fails at once with ``SandboxUnavailable`` naming the missing capability.
+    """
+    return default_pool().mode

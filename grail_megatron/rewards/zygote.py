@@ -232,6 +232,18 @@ def _owner(pid: str) -> int:
         return -1
 
 
+def _explain(exc: OSError) -> str:
+    import errno
+
+    hints = {
+        errno.ENOSPC: "the user namespace limit is reached: user.max_user_namespaces is 0 here",
+        errno.EPERM: "forbidden by a sysctl, an AppArmor/SELinux policy or a seccomp filter",
+        errno.EINVAL: "the kernel lacks CONFIG_USER_NS",
+    }
+    hint = hints.get(exc.errno)
+    return f"{type(exc).__name__}: {exc}" + (f"; {hint}" if hint else "")
+
+
 def main() -> None:  # pragma: no cover - runs as the zygote process
     config = SandboxConfig(**json.loads(sys.argv[1]))
     _preload()
@@ -243,7 +255,7 @@ def main() -> None:  # pragma: no cover - runs as the zygote process
             config = _process_limit(config)
             _enter_userns_mode()
     except OSError as exc:
-        sys.stderr.write(unavailable_message(config.mode, f"{type(exc).__name__}: {exc}") + "\n")
+        sys.stderr.write(unavailable_message(config.mode, _explain(exc)) + "\n")
         sys.exit(1)
     zygote = Zygote(config)
     # Fail loudly at start (not with every verdict) where namespaces or mounts are denied,

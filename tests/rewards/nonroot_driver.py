@@ -1,0 +1,83 @@
+"""Scores MBPP rows and hostile programs as a non-root user; prints one JSON report.
+
+Started by ``test_rewards_sandbox_unprivileged.py`` through ``nonroot_launcher.py`` (so it
+runs as ``nobody`` and the sandbox must take its ``userns`` path). argv[1] is a JSON
+request: ``{"parity": [items], "hostile": {name: program}, "remount_each": bool}``, or
+``{"expect_unavailable": [mbpp item]}`` for a node without user namespaces.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _nested_processes(uid: int) -> int:
+    """Live processes of ``uid`` two PID namespaces below this one (sandboxed tests)."""
+    count = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if int(fields["Uid"].split()[0]) == uid and len(fields.get("NSpid", "").split()) > 2:
+            count += 1
+    return count
+
+
+def _scored(request: dict) -> dict:
+    from grail_megatron.rewards import SandboxConfig, SandboxPool, compute_score_batch
+
+    report: dict = {"uid": os.geteuid()}
+    with SandboxPool(workers=2) as pool:
+        report["mode"] = pool.mode
+        report["hidden_dirs"] = list(pool.config.hidden_dirs)
+        report["parity"] = compute_score_batch(request["parity"], max_workers=2, sandbox=pool)
+        # The read-only tree through mount_setattr (the hostile pool below remounts each mount).
+        [report["own_files_default"]] = pool.run([request["hostile"]["own_files"]])
+    config = SandboxConfig(timeout=1.0, memory_bytes=512 * 2**20, remount_each=request["remount_each"])
+    hostile = {}
+    with SandboxPool(workers=1, config=config) as pool:
+        for name, program in request["hostile"].items():
+            start = time.monotonic()
+            [verdict] = pool.run([program])
+            elapsed = time.monotonic() - start
+            [after] = pool.run(["assert sum([2, 3]) == 5"])  # the next program is unaffected
+            hostile[name] = {"verdict": verdict, "elapsed": elapsed, "next": after,
+                             "leftover": _nested_processes(os.geteuid())}
+    report["hostile"] = hostile
+    return report
+
+
+def _unavailable(request: dict) -> dict:
+    from grail_megatron.rewards import SandboxPool, SandboxUnavailable, compute_score, compute_score_batch
+
+    report: dict = {"uid": os.geteuid()}
+    try:
+        SandboxPool(workers=1)
+        report["pool"] = "started"
+    except SandboxUnavailable as exc:
+        report["pool"] = str(exc)
+    for name, call in (("score", lambda: compute_score(**request["expect_unavailable"])),
+                       ("batch", lambda: compute_score_batch([request["expect_unavailable"]]))):
+        try:
+            report[name] = call()
+        except SandboxUnavailable as exc:
+            report[name] = f"SandboxUnavailable: {exc}"
+    report["opted_in"] = compute_score(**request["expect_unavailable"], allow_format_only_mbpp=True)
+    return report
+
+
+def main() -> None:
+    request = json.loads(sys.argv[1])
+    report = _unavailable(request) if "expect_unavailable" in request else _scored(request)
+    sys.stdout.write(json.dumps(report) + "\n")
+
+
+if __name__ == "__main__":
+    main()

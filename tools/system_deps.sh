@@ -10,6 +10,7 @@ declare -A NEED=(
   [slurmd]=slurmd
   [sbatch]=slurm-client
   [munged]=munge
+  [patch]=patch
 )
 missing=()
 for bin in "${!NEED[@]}"; do

@@ -113,16 +113,15 @@ class _Mapper:
         from grail_megatron.megatron.bridge import Bridge
 
         self.vocab_size = int(hf_config.vocab_size)
-        self._mb = Bridge(hf_config)._mb  # the per-tensor mapping lives on the mbridge instance
+        self._bridge = Bridge(hf_config)
 
     def __call__(self, mcore_name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         if mcore_name in VOCAB_PADDED_KEYS:
             # rows past the HF vocabulary are TP padding; trim them (mbridge's own trim assumes
             # the padding of the current process, not of the saving job)
-            names = self._mb._weight_name_mapping_mcore_to_hf(mcore_name)
+            names = self._bridge.hf_names_of(mcore_name)
             return [(names[0], tensor[: self.vocab_size])]
-        names, tensors = self._mb._weight_to_hf_format(mcore_name, tensor)
-        return list(zip(names, tensors))
+        return self._bridge.mcore_to_hf(mcore_name, tensor)
 
 
 def _layer_sort_key(name: str):

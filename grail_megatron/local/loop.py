@@ -12,7 +12,6 @@ run resumed at step k continues exactly as if it had never stopped.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from contextlib import contextmanager
@@ -27,8 +26,6 @@ from grail_megatron.local.metrics import MetricLogger, batch_metrics, reward_com
 from grail_megatron.local.preemption import EXIT_PREEMPTED, STATUS_FILE_ENV, PreemptionWatcher, stop_file_from_env
 from grail_megatron.local.rollout import HFRollout
 from grail_megatron.local.settings import LocalSettings
-
-logger = logging.getLogger(__name__)
 
 
 def run(s: LocalSettings, cfg) -> int:

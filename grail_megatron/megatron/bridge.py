@@ -288,6 +288,19 @@ class Bridge:
             raise KeyError(f"HF parameters not exported: {missing[:5]} ({len(missing)} in all)")
         return len(covered)
 
+    def hf_names_of(self, mcore_name: str) -> list[str]:
+        """The HF tensor names one (full, unsharded) mcore tensor maps to."""
+        return list(self._mb._weight_name_mapping_mcore_to_hf(mcore_name))
+
+    def mcore_to_hf(self, mcore_name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """Map one full mcore tensor to its HF tensors (QKV and gate/up are split here).
+
+        The offline converter uses this on tensors read from a dist checkpoint; vocab padding
+        is left to the caller, who knows the padding of the job that saved them.
+        """
+        names, tensors = self._mb._weight_to_hf_format(mcore_name, tensor)
+        return list(zip(names, tensors))
+
     def export_state_dict(self, models) -> dict[str, torch.Tensor]:
         """All HF tensors as a dict (cloned, on CPU)."""
         return {name: t.detach().to("cpu", copy=True) for name, t in self.export_hf_weights(models)}

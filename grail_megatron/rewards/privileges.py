@@ -61,12 +61,36 @@ def enter_user_namespace(flags: int = 0) -> None:
     _write("/proc/self/gid_map", f"{gid} {gid} 1")
 
 
+def enter_unprivileged_sandbox(flags: int = 0) -> None:  # pragma: no cover - parent never returns
+    """For a non-root process: a user namespace of its own uid with fresh network, IPC and
+    PID namespaces (plus ``flags``) in which no nested user namespace may be created. The
+    caller returns as PID 1 of the new PID namespace (so every process it starts is
+    invisible to, and cannot signal, anything outside); its parent only relays the exit
+    status, and its death kills the caller (and with it the whole namespace)."""
+    import signal
+
+    enter_user_namespace(os.CLONE_NEWNET | os.CLONE_NEWIPC | os.CLONE_NEWPID | flags)
+    forbid_nested_user_namespaces()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        os.read(read_end, 1)  # the child has set its death signal: no race with our death
+        os._exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) & 0xFF)
+    os.close(read_end)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        _raise_errno("prctl(PR_SET_PDEATHSIG)")
+    os.close(write_end)
+
+
 def forbid_nested_user_namespaces() -> None:
     """No process of our user namespace may create another one (its per-namespace
     ``max_user_namespaces`` becomes 0): sandboxed code cannot regain capabilities."""
     _write("/proc/sys/user/max_user_namespaces", "0")
 
 
+_PR_SET_PDEATHSIG = 1
 _PR_CAPBSET_DROP = 24
 _PR_SET_NO_NEW_PRIVS = 38
 _CAPABILITY_VERSION_3 = 0x20080522

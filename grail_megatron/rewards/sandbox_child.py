@@ -187,16 +187,33 @@ def _private_filesystem(config, exposure: dict[str, list[str]]) -> str:
         _hide(libc, exposure)
     else:
         _expose(libc, exposure)
-    options = f"size={config.tmpfs_bytes},mode=1777".encode()
-    for target in _PRIVATE_TMPFS:
-        if os.path.isdir(target):
-            _mount(libc, b"tmpfs", target.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, options)
+    _private_tmp(libc, config.tmpfs_bytes)
     _mount_proc(libc)
     workdir = "/tmp/work"
     os.mkdir(workdir, 0o700)
     if config.mode == "root":
         os.chown(workdir, config.uid, config.gid)
     return workdir
+
+
+def unprivileged_view(hidden: tuple[str, ...], paths: list[str], tmpfs_bytes: int) -> None:
+    """``userns`` mode's file system for a long-lived process (the sympy worker), called
+    after ``privileges.enter_unprivileged_sandbox``: private mounts, a read-only tree,
+    ``hidden`` covered (import dirs in ``paths`` kept), private tmpfs, our own /proc."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    os.unshare(os.CLONE_NEWNS)
+    _mount(libc, b"none", b"/", None, _MS_REC | _MS_PRIVATE, None)
+    make_tree_read_only(libc)
+    _hide(libc, hiding_plan(hidden, paths))
+    _private_tmp(libc, tmpfs_bytes)
+    _mount_proc(libc)
+
+
+def _private_tmp(libc, tmpfs_bytes: int) -> None:
+    options = f"size={tmpfs_bytes},mode=1777".encode()
+    for target in _PRIVATE_TMPFS:
+        if os.path.isdir(target):
+            _mount(libc, b"tmpfs", target.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, options)
 
 
 def _mount_proc(libc) -> None:

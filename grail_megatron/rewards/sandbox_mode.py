@@ -20,12 +20,14 @@ import pwd
 
 MODE_ENV = "GRAIL_SANDBOX_MODE"
 FORMAT_ONLY_ENV = "GRAIL_ALLOW_FORMAT_ONLY_MBPP"
+NO_SYMPY_ENV = "GRAIL_ALLOW_NO_SYMPY"
 HIDE_ENV = "GRAIL_SANDBOX_HIDE"
 MODES = ("auto", "root", "userns")
 # Hidden from tests in ``userns`` mode, in addition to the caller's home (and anything in
 # GRAIL_SANDBOX_HIDE): other homes, root's, and /run (sockets of D-Bus, Docker, ...).
 DEFAULT_HIDDEN_DIRS = ("/home", "/root", "/run")
 UNAVAILABLE_PREFIX = "MBPP sandbox unavailable: "
+SYMPY_UNAVAILABLE_PREFIX = "sympy sandbox unavailable: "
 
 _FIXES = (
     "enable unprivileged user namespaces (`sysctl -w user.max_user_namespaces=15000`; "
@@ -50,6 +52,24 @@ def resolve_mode(requested: str | None = None) -> str:
     return mode
 
 
+_SYMPY_OPT_OUT = (
+    f"to score MATH without the sympy strategy (exact and numeric comparisons only, a departure "
+    f"from GRAIL parity), set {NO_SYMPY_ENV}=1"
+)
+
+
+def sympy_unavailable_message(detail: str) -> str:
+    """The sympy worker's version of ``unavailable_message`` (it evaluates model answers)."""
+    return (f"{SYMPY_UNAVAILABLE_PREFIX}uid {os.geteuid()} cannot create an unprivileged user "
+            f"namespace ({detail}), so model answers cannot be parsed in confinement. "
+            f"Fix: {_FIXES}. Or, {_SYMPY_OPT_OUT}.")
+
+
+def no_sympy_allowed() -> bool:
+    """The explicit opt-in to run MATH scoring without the sympy worker."""
+    return os.environ.get(NO_SYMPY_ENV, "").strip().lower() in {"1", "true", "yes"}
+
+
 def unavailable_message(mode: str, detail: str) -> str:
     """One line: what is missing, how to fix it, how to opt out explicitly."""
     if mode == "root":
@@ -60,6 +80,19 @@ def unavailable_message(mode: str, detail: str) -> str:
                 f"mount, PID and network namespaces ({detail}), so model-written code cannot be confined")
         fix = _FIXES
     return f"{UNAVAILABLE_PREFIX}{what}. Fix: {fix}. Or, {_OPT_OUT}."
+
+
+def explain_os_error(exc: OSError) -> str:
+    """The error of a failed unshare/mount, with what usually causes it."""
+    import errno
+
+    hints = {
+        errno.ENOSPC: "the user namespace limit is reached: user.max_user_namespaces is 0 here",
+        errno.EPERM: "forbidden by a sysctl, an AppArmor/SELinux policy or a seccomp filter",
+        errno.EINVAL: "the kernel lacks CONFIG_USER_NS",
+    }
+    hint = hints.get(exc.errno)
+    return f"{type(exc).__name__}: {exc}" + (f"; {hint}" if hint else "")
 
 
 def format_only_allowed(explicit: bool | None = None) -> bool:

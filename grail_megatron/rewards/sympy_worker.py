@@ -23,10 +23,14 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+
+from grail_megatron.rewards.sandbox import SandboxUnavailable
+from grail_megatron.rewards.sandbox_mode import SYMPY_UNAVAILABLE_PREFIX, no_sympy_allowed
 
 _SAFE_EXPRESSION = re.compile(r"[0-9a-z+\-*/^().,=<>!\[\]{}%|&~ ]*")
 _ATTRIBUTE_ACCESS = re.compile(r"\.[a-z]")
@@ -197,8 +201,31 @@ _WARMUP = (
 )
 
 
+def _confine() -> None:  # pragma: no cover - runs in the worker process
+    """Root: no network, the import dirs reachable for ``nobody``, then ``nobody``.
+    Not root: its own user, network, PID and mount namespaces (it cannot see or signal the
+    trainer's processes), a read-only tree with the caller's private directories hidden
+    (``--hide``), no capabilities."""
+    from grail_megatron.rewards.privileges import (
+        drop_capabilities, drop_to, enter_unprivileged_sandbox, isolate_network)
+    from grail_megatron.rewards.sandbox_child import private_mounts_with_import_paths, unprivileged_view
+
+    if os.geteuid() == 0:
+        isolate_network()
+        # After dropping to nobody, a lazy import inside sympy must still find the standard
+        # library (which may live under a 0700 home such as /root/.pyenv).
+        private_mounts_with_import_paths(sys.path)
+        drop_to()
+        return
+    hide = next((arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("--hide=")), "")
+    enter_unprivileged_sandbox()
+    unprivileged_view(tuple(d for d in hide.split(":") if d), sys.path, 16 * 1024**2)
+    drop_capabilities()
+
+
 def _serve() -> None:  # pragma: no cover - exercised through SympyChecker in a subprocess
-    from grail_megatron.rewards.privileges import Limits, drop_to, isolate_network
+    from grail_megatron.rewards.privileges import Limits
+    from grail_megatron.rewards.sandbox_mode import explain_os_error, sympy_unavailable_message
 
     import sympy  # noqa: F401 - imported before the sandbox closes, so evaluators start warm
 
@@ -206,16 +233,13 @@ def _serve() -> None:  # pragma: no cover - exercised through SympyChecker in a 
         _sympy_equal(pred, gold)
     if "--math-verify" in sys.argv:
         _math_verify_equal("\\frac{1}{2}", "0.5")
-    isolate_network()
-    if os.geteuid() == 0:
-        # After dropping to nobody, a lazy import inside sympy must still find the standard
-        # library (which may live under a 0700 home such as /root/.pyenv).
-        from grail_megatron.rewards.sandbox_child import private_mounts_with_import_paths
-
-        private_mounts_with_import_paths(sys.path)
+    try:
+        _confine()
+    except OSError as exc:
+        sys.stderr.write(sympy_unavailable_message(explain_os_error(exc)) + "\n")
+        sys.exit(1)
     # 1 GiB is far beyond what real answers need, and bounds what a kill must tear down.
     Limits(address_space=1024**3, open_files=64).apply()
-    drop_to()
     server = _Server()
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     stdout.write(b"ready\n")
@@ -234,14 +258,19 @@ class _Worker:
         for proc in list(_DYING):
             if proc.poll() is not None:
                 _DYING.remove(proc)
+        from grail_megatron.rewards.sandbox_mode import hidden_dirs
+
         argv = [sys.executable, "-I", "-m", "grail_megatron.rewards.sympy_worker"]
         if math_verify:
             argv.append("--math-verify")
+        if os.geteuid() != 0:  # the worker's env is empty: it cannot find the home itself
+            argv.append("--hide=" + ":".join(hidden_dirs()))
+        self._stderr = tempfile.TemporaryFile()  # read only if it fails to start
         self.proc = subprocess.Popen(
             argv,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=self._stderr,
             env={},
             start_new_session=True,  # its own process group: killpg reaches forked children
         )
@@ -263,9 +292,18 @@ class _Worker:
 
     def wait_ready(self, deadline: float) -> bool:
         if not self.ready:
-            line = self._readline(deadline)
+            try:
+                line = self._readline(deadline)
+            except EOFError:
+                line = None
             self.ready = line == b"ready"
         return self.ready
+
+    def startup_error(self) -> str:
+        """The last line the worker wrote to stderr (why it did not start)."""
+        self._stderr.seek(0)
+        lines = self._stderr.read().decode(errors="replace").strip().splitlines()
+        return lines[-1] if lines else "no output"
 
     def ask(self, request: dict, deadline: float) -> dict | None:
         self.proc.stdin.write(json.dumps(request).encode() + b"\n")
@@ -279,6 +317,7 @@ class _Worker:
         except ProcessLookupError:
             pass
         _DYING.append(self.proc)  # reaped later: teardown of a huge process takes a while
+        self._stderr.close()
         for stream in (self.proc.stdin, self.proc.stdout):
             try:
                 stream.close()
@@ -302,6 +341,7 @@ class SympyChecker:
         self._cache: OrderedDict[tuple[str, str, str], CheckResult] = OrderedDict()
         self._lock = threading.Lock()
         self._workers: dict[bool, _Worker] = {}
+        self._unavailable = ""  # why no worker can start here (accepted via GRAIL_ALLOW_NO_SYMPY)
         self.timeouts = 0
 
     def check(self, pred: str, gold: str, op: str = "sympy") -> CheckResult:
@@ -330,12 +370,19 @@ class SympyChecker:
 
     # -- internals (called with the lock held)
     def _worker(self, math_verify: bool) -> _Worker:
+        if self._unavailable:  # do not pay a failing start (a sympy import) on every check
+            raise RuntimeError(self._unavailable)
         worker = self._workers.get(math_verify)
         if worker is None:
             worker = self._workers[math_verify] = _Worker(math_verify)
         if not worker.wait_ready(time.monotonic() + self.startup_timeout):
+            error = worker.startup_error()
             self._retire(math_verify)
-            raise RuntimeError("sympy worker did not start")
+            if error.startswith(SYMPY_UNAVAILABLE_PREFIX):
+                if not no_sympy_allowed():
+                    raise SandboxUnavailable(error)  # loud: MATH scores would silently change
+                self._unavailable = error
+            raise RuntimeError(f"sympy worker did not start: {error}")
         return worker
 
     def _ask(self, op: str, pred: str, gold: str) -> CheckResult:
@@ -344,6 +391,8 @@ class SympyChecker:
         try:
             worker = self._worker(math_verify)
             reply = worker.ask(request, time.monotonic() + self.budget + self.slack)
+        except SandboxUnavailable:
+            raise
         except (EOFError, OSError, RuntimeError, ValueError) as exc:
             self._retire(math_verify)
             return CheckResult(False, error=f"sympy worker failed: {exc}")

@@ -29,7 +29,8 @@ import time
 
 from grail_megatron.rewards.sandbox_child import hiding_plan, import_path_exposure, run_test
 from grail_megatron.rewards.sandbox_config import SandboxConfig
-from grail_megatron.rewards.sandbox_mode import unavailable_message
+from grail_megatron.rewards.privileges import enter_unprivileged_sandbox
+from grail_megatron.rewards.sandbox_mode import explain_os_error, unavailable_message
 
 # Warm imports: what an MBPP child typically needs, and what a reference child
 # (multiprocessing spawn + GRAIL's guard) already has loaded.
@@ -190,27 +191,6 @@ def _enter_root_mode() -> None:
     isolate_network()
 
 
-def _enter_userns_mode() -> None:  # pragma: no cover - the outer process never returns
-    """User namespace (own uid only) + network, IPC and PID namespaces; the caller returns
-    as PID 1 of the new PID namespace, its parent just relays the exit status."""
-    import ctypes
-
-    from grail_megatron.rewards.privileges import enter_user_namespace, forbid_nested_user_namespaces
-
-    enter_user_namespace(os.CLONE_NEWNET | os.CLONE_NEWIPC | os.CLONE_NEWPID)
-    forbid_nested_user_namespaces()
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(write_end)
-        os.read(read_end, 1)  # the child set its death signal (no race with our death)
-        os._exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) & 0xFF)
-    os.close(read_end)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: the pool kills our parent
-    os.close(write_end)
-
-
 def _process_limit(config: SandboxConfig) -> SandboxConfig:
     """RLIMIT_NPROC counts per user namespace from Linux 5.14 on; before, it counts every
     process of the (shared) uid, so the cap becomes "what exists now + the configured"."""
@@ -232,18 +212,6 @@ def _owner(pid: str) -> int:
         return -1
 
 
-def _explain(exc: OSError) -> str:
-    import errno
-
-    hints = {
-        errno.ENOSPC: "the user namespace limit is reached: user.max_user_namespaces is 0 here",
-        errno.EPERM: "forbidden by a sysctl, an AppArmor/SELinux policy or a seccomp filter",
-        errno.EINVAL: "the kernel lacks CONFIG_USER_NS",
-    }
-    hint = hints.get(exc.errno)
-    return f"{type(exc).__name__}: {exc}" + (f"; {hint}" if hint else "")
-
-
 def main() -> None:  # pragma: no cover - runs as the zygote process
     config = SandboxConfig(**json.loads(sys.argv[1]))
     _preload()
@@ -253,9 +221,9 @@ def main() -> None:  # pragma: no cover - runs as the zygote process
             _enter_root_mode()
         else:
             config = _process_limit(config)
-            _enter_userns_mode()
+            enter_unprivileged_sandbox()
     except OSError as exc:
-        sys.stderr.write(unavailable_message(config.mode, _explain(exc)) + "\n")
+        sys.stderr.write(unavailable_message(config.mode, explain_os_error(exc)) + "\n")
         sys.exit(1)
     zygote = Zygote(config)
     # Fail loudly at start (not with every verdict) where namespaces or mounts are denied,

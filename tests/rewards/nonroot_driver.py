@@ -2,8 +2,8 @@
 
 Started by ``test_rewards_sandbox_unprivileged.py`` through ``nonroot_launcher.py`` (so it
 runs as ``nobody`` and the sandbox must take its ``userns`` path). argv[1] is a JSON
-request: ``{"parity": [items], "hostile": {name: program}, "remount_each": bool}``, or
-``{"expect_unavailable": [mbpp item]}`` for a node without user namespaces.
+request: ``{"parity": [mbpp items], "hostile": {name: program}, "math": [items]}``, or
+``{"expect_unavailable": mbpp item, "math": item}`` for a node without user namespaces.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _nested_processes(uid: int) -> int:
 
 
 def _scored(request: dict) -> dict:
-    from grail_megatron.rewards import SandboxConfig, SandboxPool, compute_score_batch
+    from grail_megatron.rewards import SandboxConfig, SandboxPool, compute_score, compute_score_batch
 
     report: dict = {"uid": os.geteuid()}
     with SandboxPool(workers=2) as pool:
@@ -51,6 +51,8 @@ def _scored(request: dict) -> dict:
             hostile[name] = {"verdict": verdict, "elapsed": elapsed, "next": after,
                              "leftover": _nested_processes(os.geteuid())}
     report["hostile"] = hostile
+    # MATH's sympy worker takes the same unprivileged path (its own namespaces, home hidden).
+    report["math"] = [compute_score(**item) for item in request["math"]]
     return report
 
 
@@ -70,6 +72,12 @@ def _unavailable(request: dict) -> dict:
         except SandboxUnavailable as exc:
             report[name] = f"SandboxUnavailable: {exc}"
     report["opted_in"] = compute_score(**request["expect_unavailable"], allow_format_only_mbpp=True)
+    try:
+        report["math"] = compute_score(**request["math"])
+    except SandboxUnavailable as exc:
+        report["math"] = f"SandboxUnavailable: {exc}"
+    os.environ["GRAIL_ALLOW_NO_SYMPY"] = "1"
+    report["math_opted_in"] = compute_score(**request["math"])
     return report
 
 

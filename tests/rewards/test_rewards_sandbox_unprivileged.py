@@ -26,6 +26,8 @@ HERE = Path(__file__).parent
 NOBODY = 65534
 SECRET = "hunter2-token"
 MBPP_CASES = [case for case in load_parity_cases() if case["components"].get("route") == "mbpp"]
+# MATH answers only sympy can match (the strategy order is exact, sympy, numeric).
+SYMBOLIC_CASES = [case for case in load_parity_cases() if case["components"].get("strategy") == "symbolic"][:6]
 ITEM_KEYS = ("data_source", "solution_str", "ground_truth")
 
 
@@ -112,6 +114,7 @@ def nonroot_report(tmp_path_factory):
         "hostile": _hostile_programs(listener.getsockname()[1], home, victim),
         # The per-mount remount of kernels < 5.12 (the default uses mount_setattr).
         "remount_each": True,
+        "math": [{key: case[key] for key in ITEM_KEYS} for case in SYMBOLIC_CASES],
     }
     env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "GRAIL_FAKE_SECRET": SECRET, "OMP_NUM_THREADS": "1"}
     try:
@@ -138,6 +141,12 @@ def test_parity_verdicts_through_the_unprivileged_path(nonroot_report):
         assert result["score"] == case["expected_score"], (case["id"], case["note"], result)
         for key, expected in case["components"].items():
             assert result[key] == expected, (case["id"], key, expected, result[key])
+
+
+def test_math_sympy_worker_runs_unprivileged_with_parity(nonroot_report):
+    assert len(nonroot_report["math"]) == len(SYMBOLIC_CASES) >= 6
+    for case, result in zip(SYMBOLIC_CASES, nonroot_report["math"]):
+        assert result["score"] == case["expected_score"] and result["strategy"] == "symbolic", (case["id"], result)
 
 
 def _hostile(report: dict, name: str) -> dict:
@@ -190,7 +199,9 @@ def test_reference_semantics_with_the_callers_uid(nonroot_report):
 def test_without_user_namespaces_mbpp_scoring_fails_loudly_unless_opted_in():
     case = next(c for c in MBPP_CASES if c["components"].get("exec_status") == "all_passed")
     item = {key: case[key] for key in ITEM_KEYS}
-    report = _run_as_nobody({"expect_unavailable": item}, {"PATH": "/usr/bin:/bin"}, no_userns=True)
+    math_case = SYMBOLIC_CASES[0]
+    request = {"expect_unavailable": item, "math": {key: math_case[key] for key in ITEM_KEYS}}
+    report = _run_as_nobody(request, {"PATH": "/usr/bin:/bin"}, no_userns=True)
     assert report["uid"] == NOBODY
     message = report["pool"]
     assert message.startswith("MBPP sandbox unavailable: uid 65534 cannot create an unprivileged user namespace")
@@ -201,3 +212,9 @@ def test_without_user_namespaces_mbpp_scoring_fails_loudly_unless_opted_in():
     # Format terms only: the case passes every test, so its reward loses exactly 0.7.
     assert opted_in["score"] == pytest.approx(case["expected_score"] - 0.7) and opted_in["pass_rate"] == 0.0
     assert opted_in["reason"] == message and opted_in["exec_status"] == "error"
+    # MATH: the sympy worker cannot be confined either; loud, unless GRAIL_ALLOW_NO_SYMPY=1.
+    assert report["math"].startswith("SandboxUnavailable: sympy sandbox unavailable: uid 65534")
+    assert "GRAIL_ALLOW_NO_SYMPY=1" in report["math"]
+    no_sympy = report["math_opted_in"]
+    assert no_sympy["correct"] is False and no_sympy["strategy"] == "none"
+    assert no_sympy["check_error"].startswith("sympy worker failed: sympy sandbox unavailable")

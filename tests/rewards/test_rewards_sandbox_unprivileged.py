@@ -217,4 +217,5 @@ def test_without_user_namespaces_mbpp_scoring_fails_loudly_unless_opted_in():
     assert "GRAIL_ALLOW_NO_SYMPY=1" in report["math"]
     no_sympy = report["math_opted_in"]
     assert no_sympy["correct"] is False and no_sympy["strategy"] == "none"
-    assert no_sympy["check_error"].startswith("sympy worker failed: sympy sandbox unavailable")
+    assert no_sympy["check_error"].startswith("sympy worker failed: sympy worker did not start: "
+                                              "sympy sandbox unavailable: uid 65534")

@@ -5,6 +5,8 @@
   with an empty cache, warm = later passes, as in GRPO where 16 rollouts repeat answers);
 * MBPP: the zygote pool against a plain one-subprocess-per-test baseline, same programs,
   same parallelism, verdicts compared for equality;
+* run as root, the same pool in ``userns`` mode too (the path of non-root SLURM users),
+  started as ``nobody`` through ``tests/rewards/nonroot_launcher.py``: rate and verdicts;
 * worst-case wall time of one ``compute_score`` call over pathological inputs;
 * the issue's targets next to the measurements.
 """
@@ -175,25 +177,51 @@ def mbpp_programs() -> list[list[str]]:
     return programs
 
 
-def bench_mbpp(workers: int, repeats: int) -> tuple[list[tuple], bool]:
-    programs = mbpp_programs() * repeats
+def pool_rate(programs: list[list[str]], workers: int) -> tuple[float, list[list[dict]], str]:
+    """Programs/s through a ``SandboxPool`` of the mode this process gets, its verdicts."""
     with SandboxPool(workers=workers, config=SandboxConfig()) as pool:
         pool.run(["pass"])  # both zygotes are up before the clock starts
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(workers) as executor:
             pooled = list(executor.map(pool.run, programs))
-        pool_rate = len(programs) / (time.perf_counter() - start)
+        return len(programs) / (time.perf_counter() - start), pooled, pool.mode
+
+
+def userns_pool_rate(workers: int, repeats: int) -> tuple[float, list[list[dict]]]:
+    """``pool_rate`` in ``userns`` mode: this script again, as nobody (root only)."""
+    launcher = ROOT / "tests" / "rewards" / "nonroot_launcher.py"
+    argv = [sys.executable, str(launcher), str(Path(__file__).resolve()), "--pool-only",
+            "--workers", str(workers), "--repeats", str(repeats)]
+    done = subprocess.run(argv, capture_output=True, text=True, check=True, cwd="/",
+                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["mode"] == "userns", report
+    return report["rate"], report["verdicts"]
+
+
+def bench_mbpp(workers: int, repeats: int) -> tuple[list[tuple], bool]:
+    programs = mbpp_programs() * repeats
+    pool_rate_, pooled, mode = pool_rate(programs, workers)
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(workers) as executor:
         baseline = list(executor.map(lambda tests: [_baseline_test(t, 5.0) for t in tests], programs))
     base_rate = len(programs) / (time.perf_counter() - start)
-    same = [[v["status"] for v in p] for p in pooled] == [[v["status"] for v in b] for b in baseline]
+    statuses = [[v["status"] for v in p] for p in pooled]
+    same = statuses == [[v["status"] for v in b] for b in baseline]
     tests = sum(len(p) for p in programs)
     rows = [
-        (f"MBPP programs/s, zygote pool ({workers} workers, {len(programs)} programs, {tests} tests)", pool_rate, ""),
+        (f"MBPP programs/s, zygote pool, {mode} mode ({workers} workers, {len(programs)} programs, "
+         f"{tests} tests)", pool_rate_, ""),
         (f"MBPP programs/s, one subprocess per test ({workers} in parallel)", base_rate, ""),
-        ("MBPP pool speed-up over the baseline", pool_rate / base_rate, ">= 8x (reference ~9 programs/s)"),
+        ("MBPP pool speed-up over the baseline", pool_rate_ / base_rate, ">= 8x (reference ~9 programs/s)"),
     ]
+    if os.geteuid() == 0:
+        userns_rate, userns_verdicts = userns_pool_rate(workers, repeats)
+        same = same and statuses == [[v["status"] for v in p] for p in userns_verdicts]
+        rows += [
+            ("MBPP programs/s, zygote pool, userns mode (as nobody, same programs)", userns_rate, ""),
+            ("MBPP userns-mode pool speed-up over the baseline", userns_rate / base_rate, ">= 8x"),
+        ]
     return rows, same
 
 
@@ -228,7 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs (smoke check of the script)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--pool-only", action="store_true", help=argparse.SUPPRESS)  # userns_pool_rate
+    parser.add_argument("--repeats", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.pool_only:
+        rate, verdicts, mode = pool_rate(mbpp_programs() * args.repeats, args.workers)
+        print(json.dumps({"rate": rate, "verdicts": verdicts, "mode": mode}))
+        return 0
     min_seconds = 0.5 if args.quick else 3.0
     console = Console()
 
@@ -243,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, value, target in text_rows + mbpp_rows:
         ratio = "speed-up" in name or " / " in name
         table.add_row(name, f"{value:,.2f}x" if ratio else f"{value:,.1f}", target)
-    table.add_row("MBPP verdicts identical (pool vs baseline)", "yes" if same_verdicts else "NO", "identical")
+    table.add_row("MBPP verdicts identical (pool, userns pool, baseline)", "yes" if same_verdicts else "NO",
+                  "identical")
     table.add_row("worst-case compute_score wall time, s", f"{max(t for _, t, _ in worst):.3f}", "<= 1 s")
     console.print(table)
 

@@ -92,6 +92,7 @@ def score_rows(rows: list[dict], args: ScoreArgs) -> list[dict]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from grail_megatron.rewards import SandboxConfig, SandboxPool, SandboxUnavailable, compute_score_batch
+    from grail_megatron.rewards.sandbox import UnavailablePool
 
     results: list[dict] = []
     needs_sandbox = any("mbpp" in str(row["data_source"]).lower() for row in rows)
@@ -99,9 +100,10 @@ def score_rows(rows: list[dict], args: ScoreArgs) -> list[dict]:
     if needs_sandbox:
         try:
             pool = SandboxPool(args.workers, SandboxConfig(timeout=args.mbpp_timeout))
-        except SandboxUnavailable:
+        except SandboxUnavailable as exc:
             if not args.allow_format_only_mbpp:
                 raise
+            pool = UnavailablePool(exc)
     try:
         with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=_console(stderr=True)) as progress:

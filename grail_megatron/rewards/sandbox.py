@@ -134,6 +134,20 @@ class SandboxPool:
         self.close()
 
 
+class UnavailablePool:
+    """Stands in for a pool that could not start (after an explicit format-only opt-in):
+    every ``run`` raises the start error again, so no other pool is tried silently."""
+
+    def __init__(self, error: SandboxUnavailable) -> None:
+        self.error = error
+
+    def run(self, programs: list[str]) -> list[dict]:
+        raise self.error
+
+    def close(self) -> None:
+        pass
+
+
 _DEFAULT: SandboxPool | None = None
 _DEFAULT_ERROR: SandboxUnavailable | None = None
 _DEFAULT_LOCK = threading.Lock()

@@ -43,8 +43,11 @@ _OPT_OUT = (
 
 
 def resolve_mode(requested: str | None = None) -> str:
-    """``root`` or ``userns`` for ``requested`` (default: ``$GRAIL_SANDBOX_MODE``, else auto)."""
-    mode = (requested or os.environ.get(MODE_ENV) or "auto").strip().lower()
+    """``root`` or ``userns`` for ``requested``; ``None``/``auto`` defer to
+    ``$GRAIL_SANDBOX_MODE`` (the operator's knob), whose own default is auto."""
+    if requested in (None, "", "auto"):
+        requested = os.environ.get(MODE_ENV) or "auto"
+    mode = requested.strip().lower()
     if mode not in MODES:
         raise ValueError(f"{MODE_ENV}={mode!r}: expected one of {', '.join(MODES)}")
     if mode == "auto":

@@ -32,6 +32,8 @@ from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
+from grail_megatron.eval.verl_hook import GrailValidationMetrics
+
 TRAINER_MODE = "grail_megatron"
 GLOBAL_POOL = "global_pool"
 REF_POOL = "ref_pool"
@@ -87,8 +89,9 @@ def _ref_in_actor(config: Any) -> bool:
     return lora_rank > 0 or model.get("lora_adapter_path") is not None
 
 
-class GrailMegatronTrainer(PPOTrainerSync):
-    """verl's synchronous PPO trainer with the grail_megatron role mapping (module docstring)."""
+class GrailMegatronTrainer(GrailValidationMetrics, PPOTrainerSync):
+    """verl's synchronous PPO trainer with the grail_megatron role mapping (module docstring),
+    plus GRAIL's pass@k metrics at verl's validation points (`GrailValidationMetrics`)."""
 
     def _init_resource_pool_mgr(self) -> None:
         super()._init_resource_pool_mgr()

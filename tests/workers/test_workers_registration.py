@@ -69,6 +69,22 @@ def test_trainer_mode_is_registered_with_verl(verl_classes):
     assert compose().trainer.v1.trainer_mode == "grail_megatron"
 
 
+def test_registered_trainer_adds_grail_pass_at_k_to_verl_validation(verl_classes):
+    """verl's validation of the registered mode reports GRAIL's k-metrics over 5 sampled answers."""
+    *_, GrailMegatronTrainer = verl_classes
+    trainer = object.__new__(GrailMegatronTrainer)
+    trainer.config = compose()
+    assert trainer.config.actor_rollout_ref.rollout.val_kwargs.n == 5
+    assert trainer.config.actor_rollout_ref.rollout.val_kwargs.do_sample is True
+    sources = ["grail_gsm8k"] * 5
+    uids = ["task-0"] * 5
+    rewards = [1.0, 0.0, 0.0, 0.0, 0.0]
+    metrics = trainer._val_metrics_update(sources, uids, {"reward": rewards}, [1] * 5)
+    pass_at = {k: v for k, v in metrics.items() if k.startswith("val/grail_gsm8k/pass@")}
+    assert pass_at["val/grail_gsm8k/pass@1"] == pytest.approx(0.2)
+    assert pass_at["val/grail_gsm8k/pass@5"] == pytest.approx(1.0)
+
+
 def test_no_kl_maps_one_actor_rollout_worker_on_the_global_pool(verl_classes):
     Role, *_, GrailMegatronTrainer = verl_classes
     trainer = _trainer(compose(["model_preset=qwen2.5-7b-instruct"]), GrailMegatronTrainer)

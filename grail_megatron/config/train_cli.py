@@ -127,10 +127,28 @@ def main(argv: list[str] | None = None) -> int:
     except LaunchError as exc:
         print(f"grail-megatron train: {exc}", file=sys.stderr)
         return 1
-    from grail_megatron.workers import run_verl
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    run_verl(cfg)
+    return run_verl_until_done_or_preempted(cfg)
+
+
+def run_verl_until_done_or_preempted(cfg: Any) -> int:
+    """verl's trainer; SIGUSR1/SIGTERM -> checkpoint after the current step, exit 75 (requeue)."""
+    from grail_megatron.workers import run_verl
+    from grail_megatron.workers.preemption import EXIT_PREEMPTED, install_request_handlers, request_path
+
+    request = request_path(cfg)
+    request.unlink(missing_ok=True)  # a request left by an earlier, already requeued run
+    install_request_handlers(request)
+    try:
+        run_verl(cfg)
+    except Exception:
+        if not request.exists():
+            raise
+    if request.exists():
+        request.unlink()
+        print(f"grail-megatron train: preempted; checkpoint saved in {cfg.trainer.default_local_dir}, "
+              f"exiting {EXIT_PREEMPTED} so the launcher requeues", file=sys.stderr)
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -19,6 +19,7 @@ import faulthandler
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -150,17 +151,19 @@ def make_tree_read_only(libc, force_remount: bool = False) -> None:
         if ctypes.get_errno() != 38:  # ENOSYS: kernel < 5.12, remount one by one below
             errno = ctypes.get_errno()
             raise OSError(errno, f"mount_setattr /: {os.strerror(errno)}")
-    with open("/proc/self/mountinfo") as handle:
+    with open("/proc/self/mountinfo", "rb") as handle:
         mounts = [line.split() for line in handle]
     for fields in mounts:
-        target = fields[4].encode().decode("unicode_escape").encode()  # \040 is a space
+        # Mount points are octal-escaped (a space is \040).
+        target = re.sub(rb"\\([0-7]{3})", lambda match: bytes([int(match.group(1), 8)]), fields[4])
         flags = _MS_REMOUNT | _MS_BIND | _MS_RDONLY
-        for option in fields[5].split(","):
+        for option in fields[5].decode().split(","):
             flags |= _LOCKED_OPTIONS.get(option, 0)
         if libc.mount(None, target, None, flags, None) != 0:
             errno = ctypes.get_errno()
             if errno not in (2, 13):  # ENOENT/EACCES: a mount point we cannot even reach
-                raise OSError(errno, f"remount {target.decode()} read-only: {os.strerror(errno)}")
+                where = target.decode(errors="replace")
+                raise OSError(errno, f"remount {where} read-only: {os.strerror(errno)}")
 
 
 def _hide(libc, plan: dict[str, list[str]]) -> None:

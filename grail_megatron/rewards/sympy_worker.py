@@ -219,7 +219,8 @@ def _confine() -> None:  # pragma: no cover - runs in the worker process
         return
     hide = next((arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("--hide=")), "")
     enter_unprivileged_sandbox()
-    unprivileged_view(tuple(d for d in hide.split(":") if d), sys.path, 16 * 1024**2)
+    imports = [sys.base_prefix, sys.prefix, *sys.path]  # with <prefix>/lib's shared libraries
+    unprivileged_view(tuple(d for d in hide.split(":") if d), imports, 16 * 1024**2)
     drop_capabilities()
 
 

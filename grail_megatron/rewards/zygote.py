@@ -117,7 +117,9 @@ class Zygote:
         if config.mode == "root":
             self._exposure = import_path_exposure(sys.path)
         else:
-            self._exposure = hiding_plan(config.hidden_dirs, sys.path)
+            # The whole installation, not only sys.path: lazily loaded extension modules
+            # link against shared libraries in <prefix>/lib (conda's libcrypto, libsqlite3).
+            self._exposure = hiding_plan(config.hidden_dirs, [sys.base_prefix, sys.prefix, *sys.path])
 
     def _start(self, program: str) -> _RunningTest:
         nonce = os.urandom(16).hex()
@@ -196,8 +198,10 @@ def _process_limit(config: SandboxConfig) -> SandboxConfig:
     process of the (shared) uid, so the cap becomes "what exists now + the configured"."""
     import dataclasses
     import platform
+    import re
 
-    release = tuple(int(part) for part in platform.release().split("-")[0].split(".")[:2])
+    version = re.match(r"(\d+)\.(\d+)", platform.release())
+    release = (int(version[1]), int(version[2])) if version else (0, 0)
     if config.mode != "userns" or release >= (5, 14):
         return config
     uid = os.getuid()

@@ -33,6 +33,7 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
 from grail_megatron.eval.verl_hook import GrailValidationMetrics
+from grail_megatron.workers.preemption import CheckpointOnPreemption
 
 TRAINER_MODE = "grail_megatron"
 GLOBAL_POOL = "global_pool"
@@ -89,9 +90,10 @@ def _ref_in_actor(config: Any) -> bool:
     return lora_rank > 0 or model.get("lora_adapter_path") is not None
 
 
-class GrailMegatronTrainer(GrailValidationMetrics, PPOTrainerSync):
+class GrailMegatronTrainer(CheckpointOnPreemption, GrailValidationMetrics, PPOTrainerSync):
     """verl's synchronous PPO trainer with the grail_megatron role mapping (module docstring),
-    plus GRAIL's pass@k metrics at verl's validation points (`GrailValidationMetrics`)."""
+    GRAIL's pass@k metrics at verl's validation points (`GrailValidationMetrics`) and a
+    checkpoint-and-stop on a preemption request (`CheckpointOnPreemption`)."""
 
     def _init_resource_pool_mgr(self) -> None:
         super()._init_resource_pool_mgr()

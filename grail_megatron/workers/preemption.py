@@ -1,0 +1,58 @@
+"""Preemption for the verl path: SIGUSR1/SIGTERM -> checkpoint at the end of the step -> exit 75.
+
+The same protocol as the local loop (docs/local.md) and the SLURM launcher (docs/slurm.md).
+verl's trainer runs in a Ray actor (TaskRunnerV1), possibly on another node than the
+`grail-megatron train` driver that receives SLURM's signal, so the driver only drops a request
+file into `trainer.default_local_dir` (the checkpoint directory, shared by every node); the
+trainer checks it after each step, saves a checkpoint unless the step just saved one, and
+stops. The driver then exits with EXIT_PREEMPTED and the launcher requeues the job, which
+resumes from that checkpoint through verl's own `resume_mode=auto`.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+EXIT_PREEMPTED = 75
+REQUEST_NAME = ".grail_preempt_requested"
+
+
+class PreemptedAfterCheckpoint(RuntimeError):
+    """Raised inside the trainer to stop verl's fit loop once the checkpoint is written."""
+
+
+def request_path(cfg: Any) -> Path:
+    return Path(str(cfg.trainer.default_local_dir)) / REQUEST_NAME
+
+
+def install_request_handlers(path: Path) -> None:
+    """In the driver: turn SIGUSR1/SIGTERM into the request file (cheap, signal-safe enough)."""
+
+    def _request(signum, _frame):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{signal.Signals(signum).name}\n")
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, _request)
+
+
+def step_saved_checkpoint(global_steps: int, save_freq: int, total_training_steps: int) -> bool:
+    """verl's own rule (PPOTrainer.fit) for whether this step already saved a checkpoint."""
+    return save_freq > 0 and (global_steps >= total_training_steps or global_steps % save_freq == 0)
+
+
+class CheckpointOnPreemption:
+    """Mixin for a verl v1 trainer: honour a preemption request at the end of each step."""
+
+    def on_step_end(self) -> None:
+        super().on_step_end()  # type: ignore[misc]
+        path = request_path(self.config)  # type: ignore[attr-defined]
+        if not path.exists():
+            return
+        trainer_cfg = self.config.trainer  # type: ignore[attr-defined]
+        step = int(self.global_steps)  # type: ignore[attr-defined]
+        if not step_saved_checkpoint(step, int(trainer_cfg.save_freq), int(self.total_training_steps)):  # type: ignore[attr-defined]
+            self._save_checkpoint()  # type: ignore[attr-defined]
+        raise PreemptedAfterCheckpoint(f"preempted after step {step}: checkpoint saved, exiting {EXIT_PREEMPTED}")

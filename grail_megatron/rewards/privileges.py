@@ -84,6 +84,16 @@ def enter_unprivileged_sandbox(flags: int = 0) -> None:  # pragma: no cover - pa
     os.close(write_end)
 
 
+def nproc_counts_per_user_namespace() -> bool:
+    """Linux >= 5.14 counts RLIMIT_NPROC per (user namespace, uid): inside our own user
+    namespace the caller's other processes (the trainer, Ray) do not count."""
+    import platform
+    import re
+
+    version = re.match(r"(\d+)\.(\d+)", platform.release())
+    return bool(version) and (int(version[1]), int(version[2])) >= (5, 14)
+
+
 def forbid_nested_user_namespaces() -> None:
     """No process of our user namespace may create another one (its per-namespace
     ``max_user_namespaces`` becomes 0): sandboxed code cannot regain capabilities."""

@@ -225,7 +225,7 @@ def _confine() -> None:  # pragma: no cover - runs in the worker process
 
 
 def _serve() -> None:  # pragma: no cover - exercised through SympyChecker in a subprocess
-    from grail_megatron.rewards.privileges import Limits
+    from grail_megatron.rewards.privileges import Limits, nproc_counts_per_user_namespace
     from grail_megatron.rewards.sandbox_mode import explain_os_error, sympy_unavailable_message
 
     import sympy  # noqa: F401 - imported before the sandbox closes, so evaluators start warm
@@ -234,13 +234,18 @@ def _serve() -> None:  # pragma: no cover - exercised through SympyChecker in a 
         _sympy_equal(pred, gold)
     if "--math-verify" in sys.argv:
         _math_verify_equal("\\frac{1}{2}", "0.5")
+    unprivileged = os.geteuid() != 0  # before _confine: as root it becomes nobody
     try:
         _confine()
     except OSError as exc:
         sys.stderr.write(sympy_unavailable_message(explain_os_error(exc)) + "\n")
         sys.exit(1)
     # 1 GiB is far beyond what real answers need, and bounds what a kill must tear down.
-    Limits(address_space=1024**3, open_files=64).apply()
+    # Not root, the worker has a user namespace of its own, in which a process cap bounds
+    # an answer that forks (``__import__('os').fork()`` reaches eval) without touching
+    # the trainer's processes (as root it shares ``nobody`` with the MBPP tests: no cap).
+    processes = 64 if unprivileged and nproc_counts_per_user_namespace() else None
+    Limits(address_space=1024**3, open_files=64, processes=processes).apply()
     server = _Server()
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     stdout.write(b"ready\n")

@@ -197,12 +197,10 @@ def _process_limit(config: SandboxConfig) -> SandboxConfig:
     """RLIMIT_NPROC counts per user namespace from Linux 5.14 on; before, it counts every
     process of the (shared) uid, so the cap becomes "what exists now + the configured"."""
     import dataclasses
-    import platform
-    import re
 
-    version = re.match(r"(\d+)\.(\d+)", platform.release())
-    release = (int(version[1]), int(version[2])) if version else (0, 0)
-    if config.mode != "userns" or release >= (5, 14):
+    from grail_megatron.rewards.privileges import nproc_counts_per_user_namespace
+
+    if config.mode != "userns" or nproc_counts_per_user_namespace():
         return config
     uid = os.getuid()
     existing = sum(1 for entry in os.listdir("/proc") if entry.isdigit() and _owner(entry) == uid)

@@ -2,7 +2,8 @@
 
 Started by ``test_rewards_sandbox_unprivileged.py`` through ``nonroot_launcher.py`` (so it
 runs as ``nobody`` and the sandbox must take its ``userns`` path). argv[1] is a JSON
-request: ``{"parity": [mbpp items], "hostile": {name: program}, "math": [items]}``, or
+request: ``{"parity": [mbpp items], "hostile": {name: program}, "math": [items],
+"sympy_probes": [[pred, gold]]}``, or
 ``{"expect_unavailable": mbpp item, "math": item}`` for a node without user namespaces.
 """
 from __future__ import annotations
@@ -53,7 +54,24 @@ def _scored(request: dict) -> dict:
     report["hostile"] = hostile
     # MATH's sympy worker takes the same unprivileged path (its own namespaces, home hidden).
     report["math"] = [compute_score(**item) for item in request["math"]]
+    report["sympy_probes"] = _sympy_probes(request["sympy_probes"])
     return report
+
+
+def _sympy_probes(probes: list[list[str]]) -> list[dict]:
+    """Raw checks of answers that reach sympy's eval; the driver's pid is substituted."""
+    from grail_megatron.rewards.sympy_worker import SympyChecker
+
+    checker = SympyChecker()
+    try:
+        results = []
+        for pred, gold in probes:
+            result = checker.check(pred.replace("DRIVER_PID", str(os.getpid())), gold)
+            results.append({"equal": result.equal, "timed_out": result.timed_out, "error": result.error})
+        results.append({"leftover": _nested_processes(os.geteuid())})
+        return results
+    finally:
+        checker.close()
 
 
 def _unavailable(request: dict) -> dict:

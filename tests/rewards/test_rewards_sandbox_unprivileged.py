@@ -90,6 +90,18 @@ def _hostile_programs(port: int, home: Path, victim: Path) -> dict[str, str]:
     }
 
 
+def _sympy_probes(home: Path, victim: Path) -> list[list[str]]:
+    """Answers that reach ``parse_expr``'s eval (pred, gold): equal iff the attack worked."""
+    return [
+        [f"len(open('{victim}').read())", "7"],  # control: eval really runs, the tree is readable
+        [f"len(open('{home / 'secret.txt'}').read())", str(len(SECRET))],  # the home is hidden
+        [f"open('{victim}', 'w').write('x')", "1"],  # read-only
+        ["__import__('os').kill(DRIVER_PID, 9) or 1", "1"],  # the scorer is out of reach
+        ["len([__import__('os').fork() for _ in range(10**6)])", "1"],  # fork bomb, capped
+        ["sqrt(8)", "2*sqrt(2)"],  # and the next check is right
+    ]
+
+
 @pytest.fixture(scope="module")
 def nonroot_report(tmp_path_factory):
     """One run of the unprivileged scorer over the parity cases and every hostile program."""
@@ -115,6 +127,7 @@ def nonroot_report(tmp_path_factory):
         # The per-mount remount of kernels < 5.12 (the default uses mount_setattr).
         "remount_each": True,
         "math": [{key: case[key] for key in ITEM_KEYS} for case in SYMBOLIC_CASES],
+        "sympy_probes": _sympy_probes(home, victim),
     }
     env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "GRAIL_FAKE_SECRET": SECRET, "OMP_NUM_THREADS": "1"}
     try:
@@ -147,6 +160,18 @@ def test_math_sympy_worker_runs_unprivileged_with_parity(nonroot_report):
     assert len(nonroot_report["math"]) == len(SYMBOLIC_CASES) >= 6
     for case, result in zip(SYMBOLIC_CASES, nonroot_report["math"]):
         assert result["score"] == case["expected_score"] and result["strategy"] == "symbolic", (case["id"], result)
+
+
+def test_sympy_eval_cannot_read_the_home_write_files_or_reach_the_scorer(nonroot_report):
+    control, home, write, kill, bomb, after, leftover = nonroot_report["sympy_probes"]
+    assert control == {"equal": True, "timed_out": False, "error": ""}
+    assert home == {"equal": False, "timed_out": False, "error": ""}
+    assert write == {"equal": False, "timed_out": False, "error": ""}
+    assert kill == {"equal": False, "timed_out": False, "error": ""}  # pid not in its namespace
+    assert bomb["equal"] is False
+    assert after == {"equal": True, "timed_out": False, "error": ""}
+    assert leftover == {"leftover": 0}  # closing the worker took the bomb's remains with it
+    assert nonroot_report["victim_after"] == "keep me"
 
 
 def _hostile(report: dict, name: str) -> dict:

@@ -117,8 +117,38 @@ def _cmd_from_hf(args) -> int:
     if not (model / "config.json").is_file():
         raise CheckpointError(f"{model}: not an HF model folder (no config.json)")
     _refuse_existing(Path(args.out), args.step, args.overwrite)
+    _warn_if_verl_cannot_build(model, args.tp)
     job = RelayoutJob("from-hf", str(model.resolve()), str(Path(args.out).resolve()), args.tp, args.pp, args.step)
-    return _launch(job, args.tp * args.pp)
+    code = _launch(job, args.tp * args.pp)
+    if code == 0 and os.environ.get("RANK", "0") == "0":
+        print(verl_init_hint(Path(args.out), args.step))
+    return code
+
+
+def verl_init_hint(out_root: Path, step: int) -> str:
+    """Where verl reads the converted weights (printed after `from-hf`)."""
+    from .layout import model_dist_dir
+
+    return ("verl (use_dist_checkpointing=true) loads the model from\n"
+            f"  actor_rollout_ref.actor.megatron.dist_checkpointing_path={model_dist_dir(out_root.resolve(), step)}\n"
+            "(the recipe's default when --out is ${GRAIL_MCORE_INIT_ROOT:-checkpoints/mcore_init}/<grail.model.name> "
+            "and --step is 0)")
+
+
+def _warn_if_verl_cannot_build(model: Path, tp: int) -> None:
+    """verl 0.9.1's mbridge does not pad the vocabulary (its embedding has exactly vocab_size rows).
+
+    Our Bridge pads to a multiple of TP, so such a checkpoint is still valid for `to-hf`,
+    `reshard` and the local loop, but its embedding shape differs from verl's model.
+    """
+    import json
+
+    vocab = json.loads((model / "config.json").read_text()).get("vocab_size")
+    if isinstance(vocab, int) and vocab % tp:
+        print(f"grail-megatron convert from-hf: warning: {model}/config.json vocab_size={vocab} is not a multiple of "
+              f"--tp {tp}; the checkpoint stores {-(-vocab // tp) * tp} embedding rows while verl 0.9.1's model "
+              f"(mbridge, no vocab padding) has {vocab}, so verl cannot load it (fine for to-hf/reshard/--local)",
+              file=sys.stderr)
 
 
 def _cmd_reshard(args) -> int:

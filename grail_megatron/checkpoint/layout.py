@@ -98,6 +98,17 @@ class ActorPaths:
         return paths
 
 
+def model_dist_dir(root: str | os.PathLike, step: int) -> Path:
+    """The model's dist checkpoint of a step: what verl's `dist_checkpointing_path` must name.
+
+    verl 0.9.1 (`use_dist_checkpointing=true`) initialises the actor with
+    `verl.utils.model.load_mcore_dist_weights(models, dist_checkpointing_path)`, i.e.
+    `dist_checkpointing.load(model.sharded_state_dict(), path)`: the path is a plain
+    torch_dist directory (`.metadata`, `*.distcp`, `common.pt`, `metadata.json`), not a step dir.
+    """
+    return ActorPaths.v2(step_dir(root, step) / ROLE).model_dist
+
+
 def resolve_actor_dir(path: str | os.PathLike) -> Path:
     """Accept `.../global_step_N/actor`, `.../global_step_N`, or a checkpoint root (-> latest)."""
     path = Path(path)

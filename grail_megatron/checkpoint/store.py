@@ -120,6 +120,37 @@ def model_sharded_state_dict(models: Sequence) -> dict:
     return result
 
 
+# Norms that Transformer Engine's layer spec builds as a standalone TE module (TENorm) while the
+# local spec (CPU) uses a torch norm; the input/pre-MLP norms are fused into TE linears on GPU
+# and mapped onto them by the local spec's `sharded_state_dict_keys_map`, so they need nothing.
+TE_STANDALONE_NORMS = ("decoder.final_layernorm",)
+
+
+def add_te_extra_states(model_sd: dict) -> dict:
+    """Give the saved model the `_extra_state` entries a Transformer Engine model asks for.
+
+    verl on GPUs builds the TE spec, whose final norm (TE's RMSNorm) has an `_extra_state`
+    (FP8 metadata, empty without FP8). `dist_checkpointing.load` requests it, and torch DCP
+    fails on a checkpoint without it ("Missing key in checkpoint state_dict:
+    decoder.final_layernorm._extra_state/shard_0_1"). The local spec's torch norm has none,
+    so we store an empty one: None, which TE's `set_extra_state` ignores and verl's initial
+    load never applies. Replicated like the norm's weight (same replica ids).
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
+
+    for chunk in model_sd.values():
+        present = {getattr(v, "key", None) for v in chunk.values()}
+        for name, value in list(chunk.items()):
+            for norm in TE_STANDALONE_NORMS:
+                extra = f"{norm}._extra_state"
+                if isinstance(value, ShardedTensor) and value.key == f"{norm}.weight" and extra not in present:
+                    chunk[name.removesuffix("weight") + "_extra_state"] = make_sharded_object_for_checkpoint(
+                        None, extra, (), replica_id=value.replica_id)
+                    present.add(extra)
+    return model_sd
+
+
 def _is_megatron_optimizer(optimizer) -> bool:
     return hasattr(optimizer, "sharded_state_dict")
 
@@ -394,7 +425,7 @@ def save_checkpoint(
     world_size = dist.get_world_size() if dist.is_initialized() else 1
     _run_on_rank0(lambda: (root.mkdir(parents=True, exist_ok=True), _prepare_temp_dir(tmp, paths, optimizer is not None)))
 
-    dist_save(model_sharded_state_dict(models), paths.model_dist)
+    dist_save(add_te_extra_states(model_sharded_state_dict(models)), paths.model_dist)
     if optimizer is not None:
         optim_sd = {"optimizer": optimizer_sharded_state_dict(optimizer, models, is_loading=False)}
         if lr_scheduler is not None:

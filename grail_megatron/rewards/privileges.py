@@ -41,10 +41,10 @@ class Limits:
                 resource.setrlimit(which, (value, value))
 
 
-def isolate_network(extra_flags: int = 0) -> None:
-    """Move the calling process into a new network (and IPC) namespace (plus
-    ``extra_flags``); a non-root caller first enters its own user namespace."""
-    flags = os.CLONE_NEWNET | os.CLONE_NEWIPC | extra_flags
+def isolate_network() -> None:
+    """Move the calling process into a new network (and IPC) namespace; a non-root caller
+    first enters its own user namespace."""
+    flags = os.CLONE_NEWNET | os.CLONE_NEWIPC
     if os.geteuid() == 0:
         os.unshare(flags)
         return
@@ -94,10 +94,18 @@ def nproc_counts_per_user_namespace() -> bool:
     return bool(version) and (int(version[1]), int(version[2])) >= (5, 14)
 
 
-def forbid_nested_user_namespaces() -> None:
+def forbid_nested_user_namespaces() -> bool:
     """No process of our user namespace may create another one (its per-namespace
-    ``max_user_namespaces`` becomes 0): sandboxed code cannot regain capabilities."""
-    _write("/proc/sys/user/max_user_namespaces", "0")
+    ``max_user_namespaces`` becomes 0): sandboxed code cannot regain capabilities.
+
+    Defence in depth, so best effort (False where /proc/sys is read-only, as in many
+    containers): a nested namespace would still find every mount locked (MNT_LOCKED and
+    its read-only flag), unable to reveal what the tmpfs hides or write to the tree."""
+    try:
+        _write("/proc/sys/user/max_user_namespaces", "0")
+    except OSError:
+        return False
+    return True
 
 
 _PR_SET_PDEATHSIG = 1

@@ -34,7 +34,8 @@ def resolve_config(config: SandboxConfig) -> SandboxConfig:
     except ValueError as exc:
         raise SandboxUnavailable(f"{UNAVAILABLE_PREFIX}{exc}") from None
     if mode == "root" and os.geteuid() != 0:
-        raise SandboxUnavailable(unavailable_message("root", f"running as uid {os.geteuid()}"))
+        detail = f"running as uid {os.geteuid()} with {MODE_ENV}=root: unset it to use user namespaces"
+        raise SandboxUnavailable(unavailable_message("root", detail))
     if mode == "userns" and os.geteuid() == 0:
         # uid 0 mapped into a namespace is still exempt from RLIMIT_NPROC.
         raise SandboxUnavailable(f"{UNAVAILABLE_PREFIX}{MODE_ENV}=userns is for non-root processes "

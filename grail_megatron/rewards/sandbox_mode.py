@@ -76,8 +76,11 @@ def no_sympy_allowed() -> bool:
 def unavailable_message(mode: str, detail: str) -> str:
     """One line: what is missing, how to fix it, how to opt out explicitly."""
     if mode == "root":
-        what = f"{MODE_ENV}=root needs uid 0 and CAP_SYS_ADMIN ({detail})"
-        fix = f"run the reward workers as root, or set {MODE_ENV}=userns (or auto) to use user namespaces"
+        what = f"the root backend needs uid 0 with CAP_SYS_ADMIN for namespaces and mounts ({detail})"
+        fix = (f"give the container CAP_SYS_ADMIN and a seccomp profile that allows unshare and mount "
+               f"(e.g. docker run --cap-add SYS_ADMIN --security-opt seccomp=unconfined), or run the "
+               f"reward workers as an ordinary user with unprivileged user namespaces enabled "
+               f"({MODE_ENV}=userns is picked automatically then)")
     else:
         what = (f"uid {os.geteuid()} cannot create an unprivileged user namespace with its own "
                 f"mount, PID and network namespaces ({detail}), so model-written code cannot be confined")
@@ -91,7 +94,7 @@ def explain_os_error(exc: OSError) -> str:
 
     hints = {
         errno.ENOSPC: "the user namespace limit is reached: user.max_user_namespaces is 0 here",
-        errno.EPERM: "forbidden by a sysctl, an AppArmor/SELinux policy or a seccomp filter",
+        errno.EPERM: "no CAP_SYS_ADMIN, or forbidden by a sysctl, an AppArmor/SELinux policy or a seccomp filter",
         errno.EINVAL: "the kernel lacks CONFIG_USER_NS",
     }
     hint = hints.get(exc.errno)

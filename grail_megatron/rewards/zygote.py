@@ -54,7 +54,14 @@ def _preload() -> None:
 
 def _wait_exit(pid: int, deadline: float) -> int | None:
     """Wait for ``pid`` to exit until the deadline; its wait status, or None if still alive."""
-    pidfd = os.pidfd_open(pid)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # Linux < 5.3 (e.g. RHEL 8's 4.18): poll instead
+        while not (reaped := os.waitpid(pid, os.WNOHANG))[0]:
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.005)
+        return reaped[1]
     try:
         remaining = max(0.0, deadline - time.monotonic())
         if not select.select([pidfd], [], [], remaining)[0]:

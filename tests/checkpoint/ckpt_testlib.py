@@ -17,6 +17,7 @@ def preload() -> None:
     import megatron.core.dist_checkpointing  # noqa: F401
     import megatron.core.models.gpt  # noqa: F401
     import transformers  # noqa: F401
+    import verl.utils.model  # noqa: F401  - verl's own dist checkpoint loader (test_checkpoint_verl_init)
 
     import grail_megatron.checkpoint.store  # noqa: F401
     import grail_megatron.megatron.bridge  # noqa: F401
@@ -98,3 +99,97 @@ def tiny_hf_model(out_dir: Path, arch: str = "qwen2", tie: bool = True, kv_heads
             train_tokenizer(texts, tokenizer_dir, vocab_size=321)
     return make_tiny_model(out_dir, arch=arch, tie_word_embeddings=tie, tokenizer_dir=tokenizer_dir,
                            kv_heads=kv_heads, layers=layers, dtype=dtype, heads=4, hidden=64)
+
+
+def hf_tensors(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+class TENormStandIn(torch.nn.RMSNorm):
+    """The state-dict interface of Transformer Engine's RMSNorm, which verl's GPU models use as
+    the final norm (TE cannot be imported without CUDA): a torch RMSNorm plus TE's
+    `get_extra_state` (pickled quantizer state as a uint8 tensor; `{}` without FP8) and its
+    `set_extra_state` (None / empty / `{}` -> nothing to restore)."""
+
+    def get_extra_state(self) -> torch.Tensor:
+        import pickle
+
+        return torch.frombuffer(bytearray(pickle.dumps({})), dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        import pickle
+
+        if state is None or state.numel() == 0:
+            return
+        assert pickle.loads(state.numpy().tobytes()) == {}
+
+
+def _use_te_final_norm(models) -> None:
+    from grail_megatron.megatron.bridge import unwrap
+
+    for model in models:
+        decoder = unwrap(model).decoder
+        old = getattr(decoder, "final_layernorm", None)
+        if old is not None:
+            new = TENormStandIn(old.weight.shape, eps=old.eps, dtype=old.weight.dtype)
+            decoder.final_layernorm = new
+
+
+def verl_load(hf_dir, dist_dir, layouts, wrap_with_ddp, dtype=torch.float32):
+    """Collective. For each (tp, pp): fresh Bridge chunks (seed unlike any saved weights), then
+    verl 0.9.1's real `load_mcore_dist_weights(models, dist_dir)` exactly as its Megatron engine
+    calls it; returns the full HF tensors before and after loading, per layout.
+    layouts: (tp, pp) or (tp, pp, te_final_norm); te_final_norm swaps the final norm for
+    `TENormStandIn`, so the model requests what verl's GPU (TE spec) model requests."""
+    from transformers import AutoConfig
+    from verl.utils.model import load_mcore_dist_weights
+
+    from grail_megatron.megatron import parallel
+    from grail_megatron.megatron.bridge import Bridge, BridgeConfig
+
+    results = []
+    for tp, pp, *te_final_norm in layouts:
+        parallel.initialize(tp=tp, pp=pp, seed=1234)  # another init than the converted weights
+        bridge = Bridge(AutoConfig.from_pretrained(str(hf_dir)), BridgeConfig(dtype=dtype))
+        models = bridge.build_models(wrap_with_ddp=wrap_with_ddp)
+        if te_final_norm and te_final_norm[0]:
+            _use_te_final_norm(models)
+        # clone: at TP1 PP1 an exported tensor may share storage with the parameter
+        before = {name: tensor.clone() for name, tensor in bridge.export_hf_weights(models)}
+        load_mcore_dist_weights(models, str(dist_dir))
+        after = dict(bridge.export_hf_weights(models))
+        results.append((before, after))
+    return results
+
+
+def verl_manager_load(hf_dir, actor_dir, tp, pp, load_contents=("model",)):
+    """Collective. verl 0.9.1's real trainer-resume path for the model: a
+    `MegatronCheckpointManager` (use_dist_checkpointing=True, as our recipe) on fresh DDP-wrapped
+    chunks, `load_checkpoint(<step>/actor)`: content metadata from our checkpoint, sharded state
+    dict with it, `load_dist_checkpointing`, then a strict `load_state_dict`. Returns full HF tensors."""
+    from omegaconf import OmegaConf
+    from transformers import AutoConfig
+    from verl.utils.checkpoint.megatron_checkpoint_manager import MegatronCheckpointManager
+
+    from grail_megatron.megatron import parallel
+    from grail_megatron.megatron.bridge import Bridge, BridgeConfig
+
+    parallel.initialize(tp=tp, pp=pp, seed=4321)
+    hf_config = AutoConfig.from_pretrained(str(hf_dir))
+    bridge = Bridge(hf_config, BridgeConfig(dtype=torch.float32))
+    models = bridge.build_models(wrap_with_ddp=True)
+    contents = list(load_contents)
+    manager = MegatronCheckpointManager(
+        config=OmegaConf.create({"model": {"path": str(hf_dir)}}),
+        checkpoint_config=OmegaConf.create({"save_contents": contents, "load_contents": contents}),
+        model_config=None, transformer_config=bridge.transformer_config, role="actor", model=models,
+        arch=hf_config.architectures[0], hf_config=hf_config, param_dtype=torch.float32,
+        share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings), processing_class=None,
+        optimizer=None, optimizer_scheduler=None, use_distributed_optimizer=False, use_dist_checkpointing=True)
+    manager.load_checkpoint(str(actor_dir))
+    return dict(bridge.export_hf_weights(models))

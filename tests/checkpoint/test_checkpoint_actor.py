@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ckpt_testlib import run_ranks, tiny_hf_model
+from ckpt_testlib import hf_tensors, run_ranks, tiny_hf_model, verl_load, verl_manager_load
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,21 @@ def test_actor_checkpoint_resumes_bitwise_and_exports_a_generating_model(tmp_pat
 
     [max_diff] = run_ranks(_export, 1, root, tmp_path / "hf_out")
     assert max_diff <= 1e-4
+
+    # verl's resume / init from a trained step: its own loader on the step's model/dist_ckpt gives
+    # exactly the weights `to-hf` exported (fresh TP2 chunks, DDP-wrapped as verl's engine does)
+    exported = hf_tensors(tmp_path / "hf_out")
+    dist_dir = root / "global_step_1" / "actor" / "model" / "dist_ckpt"
+    for [(before, after)] in run_ranks(verl_load, 2, hf_dir, dist_dir, [(2, 1)], True):
+        assert sorted(after) == sorted(exported)
+        for name, tensor in exported.items():
+            assert torch.equal(after[name], tensor), name
+        assert not torch.equal(before["model.embed_tokens.weight"], exported["model.embed_tokens.weight"])
+    # verl's trainer resume of the model (MegatronCheckpointManager.load_checkpoint, strict load_state_dict)
+    for resumed_by_verl in run_ranks(verl_manager_load, 2, hf_dir, dist_dir.parent.parent, 2, 1):
+        assert sorted(resumed_by_verl) == sorted(exported)
+        for name, tensor in exported.items():
+            assert torch.equal(resumed_by_verl[name], tensor), name
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_out"))
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf_out"))
     trained = {k: v for k, v in model.state_dict().items()}

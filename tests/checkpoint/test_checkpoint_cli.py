@@ -33,7 +33,10 @@ def _cli_session(hf, root, out):
 def test_cli_from_hf_then_to_hf_with_verify(tmp_path):
     hf = tiny_hf_model(tmp_path / "hf", arch="llama", tie=False, kv_heads=1)
     [r] = run_ranks(_cli_session, 1, hf, tmp_path / "run", tmp_path / "out")
-    assert r["from_hf"][0] == 0
+    assert r["from_hf"][0] == 0 and "vocab_size" not in r["from_hf"][2]  # vocab 325 at TP1: no verl warning
+    verl_path = (tmp_path / "run").resolve() / "global_step_0" / "actor" / "model" / "dist_ckpt"
+    assert f"actor_rollout_ref.actor.megatron.dist_checkpointing_path={verl_path}\n" in r["from_hf"][1]
+    assert (verl_path / ".metadata").is_file()
     code, stdout, _ = r["to_hf"]
     assert code == 0, r["to_hf"]
     assert "max abs logit difference" in stdout and ": OK" in stdout

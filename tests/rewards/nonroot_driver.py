@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 
-def _nested_processes(uid: int) -> int:
-    """Live processes of ``uid`` two PID namespaces below this one (sandboxed tests)."""
+def _nested_processes(uid: int, below: int = 2) -> int:
+    """Live processes of ``uid`` at least ``below`` PID namespaces below this one (2: MBPP
+    tests, in their own namespace inside the zygote's; 1: also the sympy worker's)."""
     count = 0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -26,7 +27,7 @@ def _nested_processes(uid: int) -> int:
         except OSError:
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        if int(fields["Uid"].split()[0]) == uid and len(fields.get("NSpid", "").split()) > 2:
+        if int(fields["Uid"].split()[0]) == uid and len(fields.get("NSpid", "").split()) > below:
             count += 1
     return count
 
@@ -54,6 +55,9 @@ def _scored(request: dict) -> dict:
     report["hostile"] = hostile
     # MATH's sympy worker takes the same unprivileged path (its own namespaces, home hidden).
     report["math"] = [compute_score(**item) for item in request["math"]]
+    from grail_megatron.rewards.sympy_worker import default_checker
+
+    default_checker().close()  # so that only the probes' worker is left to count
     report["sympy_probes"] = _sympy_probes(request["sympy_probes"])
     return report
 
@@ -68,7 +72,11 @@ def _sympy_probes(probes: list[list[str]]) -> list[dict]:
         for pred, gold in probes:
             result = checker.check(pred.replace("DRIVER_PID", str(os.getpid())), gold)
             results.append({"equal": result.equal, "timed_out": result.timed_out, "error": result.error})
-        results.append({"leftover": _nested_processes(os.geteuid())})
+        checker.close()
+        deadline = time.monotonic() + 10.0  # SIGKILLed, the worker's namespace dies with it
+        while _nested_processes(os.geteuid(), below=1) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        results.append({"leftover": _nested_processes(os.geteuid(), below=1)})
         return results
     finally:
         checker.close()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -68,3 +70,17 @@ def test_score_command_stops_without_a_sandbox_unless_format_only_is_accepted(tm
     [result] = [json.loads(line) for line in out.read_text().splitlines()]
     assert result["passed"] == 0 and result["reason"].startswith("MBPP sandbox unavailable")
     assert result["score"] == pytest.approx(case["expected_score"] - 0.7)
+
+
+def test_root_without_cap_sys_admin_fails_loudly_at_pool_start():
+    # A root container without CAP_SYS_ADMIN (Docker's default): the capability is really
+    # removed from the bounding set, so the zygote's unshare fails as it would there.
+    probe = ("from grail_megatron.rewards import SandboxPool, SandboxUnavailable\n"
+             "try:\n    SandboxPool(workers=1)\nexcept SandboxUnavailable as exc:\n    print(exc)\n")
+    done = subprocess.run(["setpriv", "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin",
+                           sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    message = done.stdout.strip()
+    assert message.startswith("MBPP sandbox unavailable: the root backend needs uid 0 with CAP_SYS_ADMIN")
+    assert "[Errno 1] Operation not permitted; no CAP_SYS_ADMIN" in message
+    assert "--cap-add SYS_ADMIN" in message and "GRAIL_ALLOW_FORMAT_ONLY_MBPP=1" in message

@@ -10,3 +10,5 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray gives its GCS 30 s to bind a port; a loaded 2-core machine can need more.
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")

@@ -124,10 +124,16 @@ def print_table(job, outcome) -> None:
 
 
 def log_to_wandb(project: str, job, metrics: dict[str, float]) -> None:
+    import os
+
     import wandb
 
+    # wandb reads WANDB_DIR/WANDB_MODE once per process; pass them explicitly so a run started
+    # after another wandb run in the same process (the trainer's) still lands where asked.
     run = wandb.init(
         project=project,
+        dir=os.environ.get("WANDB_DIR"),
+        mode=os.environ.get("WANDB_MODE"),
         name=f"eval-{job.model_dir.name}-{job.dataset}-{job.split}",
         config={
             "model": str(job.model_dir),
@@ -136,7 +142,7 @@ def log_to_wandb(project: str, job, metrics: dict[str, float]) -> None:
             "samples": job.samples,
             "seed": job.seed,
         },
-        reinit=True,
+        reinit="finish_previous",
     )
     run.log({f"eval/{job.dataset}/{name}": value for name, value in metrics.items()})
     run.finish()

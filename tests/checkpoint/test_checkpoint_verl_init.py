@@ -26,7 +26,8 @@ def _assert_equal_tensors(loaded: dict, expected: dict, before: dict) -> None:
     for name, tensor in expected.items():
         assert torch.equal(loaded[name], tensor), name
     # the fresh model really started elsewhere, so the equality above was made by the loader
-    assert not torch.equal(before["model.layers.0.mlp.gate_proj.weight"], expected["model.layers.0.mlp.gate_proj.weight"])
+    gate = "model.layers.0.mlp.gate_proj.weight"
+    assert not torch.equal(before[gate], expected[gate])
 
 
 def test_recipe_default_path_is_where_from_hf_writes(tmp_path):

@@ -21,7 +21,11 @@ from grail_megatron import versions
 def megatron_sdist(request) -> Path:
     """Path of megatron_core-<matrix version>.tar.gz, downloaded on first use."""
     version = versions.pypi_pins()["megatron-core"]
-    cache = Path(request.config.cache.mkdir("megatron-core-sdist"))
+    cache_plugin = getattr(request.config, "cache", None)  # absent under `-p no:cacheprovider`
+    if cache_plugin is not None:
+        cache = Path(cache_plugin.mkdir("megatron-core-sdist"))
+    else:
+        cache = request.getfixturevalue("tmp_path_factory").mktemp("megatron-core-sdist")
     archive = cache / f"megatron_core-{version}.tar.gz"
     if not archive.exists():
         pip_download_sdist(version, cache)

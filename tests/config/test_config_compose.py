@@ -177,7 +177,7 @@ def test_real_launch_without_gpu_or_init_checkpoint_stops_with_a_fix(capsys, tmp
     code = train_cli.main([f"grail.mcore_init_root={tmp_path}/missing"])
     err = capsys.readouterr().err
     assert code == 1
-    assert f"dist_checkpointing_path={tmp_path}/missing/qwen2.5-7b-instruct does not exist" in err
+    assert f"dist_checkpointing_path={tmp_path}/missing/qwen2.5-7b-instruct/global_step_0/actor/model/dist_ckpt does not exist" in err
     code = train_cli.main(["actor_rollout_ref.actor.megatron.use_dist_checkpointing=false"])
     assert code == 1
     assert "no CUDA GPU is visible" in capsys.readouterr().err

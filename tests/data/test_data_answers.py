@@ -8,7 +8,8 @@ import pytest
 from grail_megatron.data import answers
 from grail_megatron.data.errors import SkippedRow
 
-PARITY = Path("/work/shared/parity/grail_rewards_public.jsonl")
+# the repository's copy of shared/parity (tests/rewards/data), so a clone tests on its own
+PARITY = Path(__file__).resolve().parents[1] / "rewards" / "data" / "grail_rewards_public.jsonl"
 
 
 @pytest.mark.parametrize(

@@ -5,12 +5,12 @@ import os
 import socket
 import stat
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
 from grail_megatron.rewards import SandboxConfig, SandboxPool
+from rewards_cases import visible_scratch_dir
 
 SANDBOX_UID = 65534
 HARMLESS = "def add(a, b):\n    return a + b\n\nassert add(2, 3) == 5"
@@ -166,8 +166,7 @@ def test_no_socket_reaches_a_host_listener(pool):
 
 
 def test_files_outside_the_private_directory_cannot_be_deleted(pool):
-    victim_dir = Path(__file__).parent / f".victim-{uuid.uuid4().hex}"
-    victim_dir.mkdir(mode=0o755)
+    victim_dir = visible_scratch_dir("victim")
     victim = victim_dir / "precious.txt"
     victim.write_text("keep me")
     victim.chmod(0o644)

@@ -15,12 +15,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 
-from rewards_cases import load_parity_cases
+from rewards_cases import load_parity_cases, visible_scratch_dir
 
 HERE = Path(__file__).parent
 NOBODY = 65534
@@ -107,9 +106,10 @@ def nonroot_report(tmp_path_factory):
     """One run of the unprivileged scorer over the parity cases and every hostile program."""
     # Directories the sandbox must protect, owned by nobody, outside /tmp (tests get a
     # fresh /tmp anyway) so that only the home hiding and the read-only tree can save them.
-    base = HERE / f".nonroot-{uuid.uuid4().hex}"
+    base = visible_scratch_dir("nonroot")
     home, victim_dir = base / "home", base / "data"
-    for directory in (base, home, victim_dir):
+    os.chown(base, NOBODY, NOBODY)
+    for directory in (home, victim_dir):
         directory.mkdir(mode=0o755)
         os.chown(directory, NOBODY, NOBODY)
     (home / "secret.txt").write_text(SECRET)

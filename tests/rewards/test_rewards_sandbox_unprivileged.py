@@ -144,7 +144,7 @@ def nonroot_report(tmp_path_factory):
 def test_scorer_runs_as_nobody_in_userns_mode_hiding_its_home(nonroot_report):
     assert nonroot_report["uid"] == NOBODY and nonroot_report["mode"] == "userns"
     assert {"/home", "/root", "/run"} <= set(nonroot_report["hidden_dirs"])
-    assert any(path.endswith("/home") and ".nonroot-" in path for path in nonroot_report["hidden_dirs"])
+    assert any(path.endswith("/home") and "/nonroot-" in path for path in nonroot_report["hidden_dirs"])
 
 
 def test_parity_verdicts_through_the_unprivileged_path(nonroot_report):

@@ -229,6 +229,10 @@ def test_resource_pools_on_a_local_ray_cluster(verl_classes, monkeypatch):
     ray_dir = tempfile.mkdtemp(prefix="gr", dir="/tmp")  # Ray's socket paths must stay < 108 bytes
     monkeypatch.setenv("HOME", ray_dir)  # Ray writes its auth token under $HOME/.ray
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # never join another helper's cluster
+    # Ray 2.60 turns token auth on when a token exists and caches where it found it per process;
+    # after an earlier ray.init in this pytest process (tests/slurm) the new GCS, started with
+    # the HOME above, finds no token and aborts. A loopback test cluster needs no auth.
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=8, num_gpus=2, include_dashboard=False, _temp_dir=ray_dir,
              object_store_memory=80 * 1024**2, log_to_driver=False,
              runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})

@@ -9,6 +9,7 @@ their offsets. Peak memory: one layer (or the embedding) plus a fixed overhead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -256,8 +257,6 @@ def convert_to_hf(
     `before_publish(tmp_dir)` runs on the finished temp folder before it is renamed to `out_dir`
     (the CLI's --verify): if it raises, nothing is published.
     """
-    from tqdm import tqdm
-
     started = time.perf_counter()
     actor = ActorPaths.detect(resolve_actor_dir(ckpt))
     if not actor.actor.is_dir():
@@ -277,45 +276,14 @@ def convert_to_hf(
     specs = check_against_config(units, hf_config, actor.model_dist)
     dtype = specs[0].dtype
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.incomplete-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    writer = None
-    try:
+    with _staged_output(out_dir) as tmp:
         writer = StreamingSafetensorsWriter(tmp, specs, max_shard_bytes)
-        by_layer: dict[int | None, list[_Unit]] = {}
-        for unit in units:
-            by_layer.setdefault(unit.layer, []).append(unit)
-        order = [None] + sorted(k for k in by_layer if k is not None)
-        bar = tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="to-hf", disable=not progress)
-        for layer in order:
-            for unit_batch in _batches(by_layer.get(layer, []), layer):
-                pieces = reader.read([(key, unit.layer) for unit in unit_batch for key in unit.reads])
-                for unit in unit_batch:
-                    parts = [pieces.pop((key, unit.layer)) for key in unit.reads]
-                    full = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-                    for name, tensor in mapper(unit.mcore_name, full):
-                        writer.write(name, tensor.to(dtype))
-                        bar.update(tensor.numel() * tensor.element_size())
-                    del parts, full, tensor  # free before the next read: peak = one piece, not two
-                del pieces
-        bar.close()
-        index = writer.close()
-        writer = None
-        _write_config_and_tokenizer(hf_config, source, tmp, dtype)
-        fsync_tree(tmp)
-        if before_publish is not None:
-            before_publish(tmp)
-        if out_dir.exists():
-            replace_dir(tmp, out_dir)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        if writer is not None:
+        try:
+            index = _stream_layers(reader, mapper, units, specs, dtype, writer, progress)
+        except BaseException:
             writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            raise
+        _publish(tmp, out_dir, hf_config, source, dtype, before_publish)
     shards = sorted(set(index["weight_map"].values()))
     return ConversionReport(out_dir, len(specs), index["metadata"]["total_size"], shards,
                             str(dtype).removeprefix("torch."), time.perf_counter() - started,
@@ -368,11 +336,7 @@ def _reshard_hf_weights(actor: ActorPaths, hf_config, source: Path, out_dir: Pat
         raise
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(f"{actor.huggingface}: unreadable safetensors ({exc})") from exc
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.incomplete-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with _staged_output(out_dir) as tmp:
         writer = StreamingSafetensorsWriter(tmp, specs, max_shard_bytes)
         try:
             for spec in specs:
@@ -382,17 +346,7 @@ def _reshard_hf_weights(actor: ActorPaths, hf_config, source: Path, out_dir: Pat
         except BaseException:
             writer.abort()
             raise
-        _write_config_and_tokenizer(hf_config, source, tmp, specs[0].dtype)
-        fsync_tree(tmp)
-        if before_publish is not None:
-            before_publish(tmp)
-        if out_dir.exists():
-            replace_dir(tmp, out_dir)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _publish(tmp, out_dir, hf_config, source, specs[0].dtype, before_publish)
     return ConversionReport(out_dir, len(specs), index["metadata"]["total_size"], sorted(set(index["weight_map"].values())),
                             str(specs[0].dtype).removeprefix("torch."), time.perf_counter() - started,
                             _source_layout(actor.actor))
@@ -407,3 +361,53 @@ def _batches(units: list[_Unit], layer: int | None):
     if layer is None:
         return [[u] for u in units]
     return [units] if units else []
+
+
+def _stream_layers(reader, mapper, units, specs, dtype, writer, progress: bool) -> dict:
+    """Read the checkpoint one layer at a time, map to HF tensors, write them; returns the index."""
+    from tqdm import tqdm
+
+    by_layer: dict[int | None, list[_Unit]] = {}
+    for unit in units:
+        by_layer.setdefault(unit.layer, []).append(unit)
+    order = [None] + sorted(k for k in by_layer if k is not None)
+    bar = tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="to-hf", disable=not progress)
+    for layer in order:
+        for unit_batch in _batches(by_layer.get(layer, []), layer):
+            pieces = reader.read([(key, unit.layer) for unit in unit_batch for key in unit.reads])
+            for unit in unit_batch:
+                parts = [pieces.pop((key, unit.layer)) for key in unit.reads]
+                full = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+                for name, tensor in mapper(unit.mcore_name, full):
+                    writer.write(name, tensor.to(dtype))
+                    bar.update(tensor.numel() * tensor.element_size())
+                del parts, full, tensor  # free before the next read: peak = one piece, not two
+            del pieces
+    bar.close()
+    return writer.close()
+
+
+@contextlib.contextmanager
+def _staged_output(out_dir: Path):
+    """A temp folder next to `out_dir`, removed on any error: nothing half-written is left."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.incomplete-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _publish(tmp: Path, out_dir: Path, hf_config, source, dtype, before_publish) -> None:
+    """Config + tokenizer, fsync, the caller's check (--verify), then the atomic rename."""
+    _write_config_and_tokenizer(hf_config, source, tmp, dtype)
+    fsync_tree(tmp)
+    if before_publish is not None:
+        before_publish(tmp)
+    if out_dir.exists():
+        replace_dir(tmp, out_dir)
+    else:
+        os.replace(tmp, out_dir)

@@ -11,8 +11,8 @@ run on the cluster, or silently does something else. This module checks those ru
   DP x micro batch; log-prob batches divisible by DP;
 * actor and reference with different TP/PP in ONE process (verl's default ActorRolloutRef
   worker): verl's MegatronEngine reuses the process's parallel state, so the second engine
-  silently runs with the first one's layout (`_init_device_mesh`: "TODO: set different
-  parallelism for actor, critic, ref"). The grail_megatron trainer mode gives the reference its
+  silently runs with the first one's layout (verl's `_init_device_mesh` notes per-role
+  parallelism as not yet supported). The grail_megatron trainer mode gives the reference its
   own processes, which lifts the rule;
 * `use_dist_checkpointing` without `dist_checkpointing_path`;
 * prompt + response longer than the model's positions;

@@ -8,6 +8,10 @@
 * run as root, the same pool in ``userns`` mode too (the path of non-root SLURM users),
   started as ``nobody`` through ``tests/rewards/nonroot_launcher.py``: rate and verdicts;
 * worst-case wall time of one ``compute_score`` call over pathological inputs;
+* MATH on a cold verdict cache against an in-process re-implementation of the reference's
+  documented rules (``REFERENCE_MATH``), on the rows it does not hang on;
+* the first ``compute_score`` of each family in a fresh process, with and without the
+  prestart at import of ``verl_reward``;
 * the issue's targets next to the measurements.
 """
 from __future__ import annotations
@@ -138,6 +142,156 @@ def throughput(rows: list[dict], min_seconds: float, **kwargs) -> tuple[float, i
             return count / elapsed, count
 
 
+# The MATH rules of DESIGN.md section 6 written the naive way, in-process (regex tags,
+# normalise, exact, sympy parse_expr + simplify, float): an in-house re-implementation of
+# the reference's documented rules (GRAIL's code is not available here), run in a fresh
+# process per pass so its sympy cache starts cold, one line per row with its wall time.
+REFERENCE_MATH = r"""
+import json, re, sys, time
+import sympy
+from sympy.parsing.sympy_parser import parse_expr
+SOLUTION = re.compile(r"<SOLUTION>\s*(.+?)\s*</SOLUTION>", re.DOTALL | re.IGNORECASE)
+THINK = re.compile(r"<start_working_out>.*?</end_working_out>", re.DOTALL | re.IGNORECASE)
+def norm(s):
+    s = s.strip()
+    for old in (r"\dfrac", r"\tfrac", r"\cfrac"):
+        s = s.replace(old, r"\frac")
+    s = re.sub(r"\\left\b", "", s)
+    s = re.sub(r"\\right\b", "", s)
+    for old in (r"\,", r"\!", r"\;", r"\:"):
+        s = s.replace(old, "")
+    return re.sub(r"\s+", "", s).lower()
+def equal(a, b):
+    if not a or not b:
+        return False
+    a, b = norm(a), norm(b)
+    if a == b:
+        return True
+    try:
+        if sympy.simplify(parse_expr(a) - parse_expr(b)) == 0:
+            return True
+    except Exception:
+        pass
+    try:
+        return abs(float(a) - float(b)) < 1e-6
+    except Exception:
+        return False
+def score(text, gold):
+    match = SOLUTION.search(text)
+    answer = match.group(1).strip() if match else ""
+    trailing = len(text) - match.end() if match else 0
+    return ((0.7 if equal(answer, gold) else 0.0) + (0.15 if match and trailing < 50 else 0.0)
+            + (0.1 if THINK.search(text) else 0.0) + (0.05 if trailing == 0 else 0.0))
+for line in sys.stdin:
+    row = json.loads(line)
+    start = time.perf_counter()
+    score(row["solution_str"], row["ground_truth"])
+    print(json.dumps({"id": row["id"], "seconds": time.perf_counter() - start}), flush=True)
+"""
+HANG_SECONDS = 5.0
+
+
+def reference_math_times(rows: list[dict]) -> tuple[dict[str, float], list[str]]:
+    """Per-row wall time of ``REFERENCE_MATH`` and the rows it hangs on (killed after
+    ``HANG_SECONDS``; the remaining rows continue in a fresh process)."""
+    times, hangs, pending = {}, [], list(rows)
+    while pending:
+        proc = subprocess.Popen([sys.executable, "-c", REFERENCE_MATH], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, env={"OMP_NUM_THREADS": "1"})
+        proc.stdin.write("".join(json.dumps(row) + "\n" for row in pending))
+        proc.stdin.close()
+        os.set_blocking(proc.stdout.fileno(), True)
+        import select
+
+        started = False
+        while pending:
+            limit = 120.0 if not started else HANG_SECONDS  # the first row waits for the sympy import
+            if not select.select([proc.stdout], [], [], limit)[0]:
+                hangs.append(pending.pop(0)["id"])
+                break
+            line = proc.stdout.readline()
+            if not line:
+                break
+            started = True
+            done = json.loads(line)
+            times[done["id"]] = done["seconds"]
+            pending.pop(0)
+        proc.kill()
+        proc.wait()
+    return times, hangs
+
+
+def _fresh_default_checker(workers: int):
+    """A cold verdict cache and ``workers`` started sympy workers (benchmark only)."""
+    from grail_megatron.rewards import sympy_worker
+
+    if sympy_worker._DEFAULT is not None:
+        sympy_worker._DEFAULT.close()
+    sympy_worker._DEFAULT = sympy_worker.SympyChecker(workers=workers)
+    sympy_worker._DEFAULT.warmup()
+
+
+def bench_math_cold(workers: int) -> list[tuple]:
+    """MATH scores/s on a cold verdict cache, ours (1 thread; a batch over ``workers``
+    workers) against the reference re-implementation, on the rows the reference finishes."""
+    from grail_megatron.rewards import compute_score_batch
+
+    rows = load("math")
+    times, hangs = reference_math_times(rows)
+    kept = [row for row in rows if row["id"] not in hangs]
+    reference_rate = len(kept) / sum(times[row["id"]] for row in kept)
+    _fresh_default_checker(1)
+    start = time.perf_counter()
+    for row in kept:
+        compute_score(row["data_source"], row["solution_str"], row["ground_truth"])
+    single = len(kept) / (time.perf_counter() - start)
+    _fresh_default_checker(workers)
+    items = [{key: row[key] for key in ("data_source", "solution_str", "ground_truth")} for row in kept]
+    start = time.perf_counter()
+    compute_score_batch(items, max_workers=workers)
+    batch = len(kept) / (time.perf_counter() - start)
+    note = f"{len(kept)} rows; {len(hangs)} the reference hangs on (> {HANG_SECONDS:.0f} s) left out"
+    return [
+        (f"MATH scores/s, reference rules in-process, cold ({note})", reference_rate, "baseline"),
+        ("MATH scores/s, ours, cold cache, one thread, same rows", single, ""),
+        (f"MATH scores/s, ours, cold cache, batch over {workers} threads and sympy workers", batch, ""),
+        ("MATH cold: ours (batch) / reference", batch / reference_rate, ">= 1x"),
+    ]
+
+
+FIRST_CALL = r"""
+import json, os, sys, time
+t0 = time.perf_counter()
+from grail_megatron.rewards import verl_reward
+t1 = time.perf_counter()
+rows = json.loads(sys.argv[1])
+out = {"import": t1 - t0}
+for name, row in rows.items():
+    start = time.perf_counter()
+    verl_reward.compute_score(row["data_source"], row["solution_str"], row["ground_truth"])
+    out[name] = time.perf_counter() - start
+print(json.dumps(out))
+"""
+
+
+def bench_first_call() -> list[tuple]:
+    """Wall time of the first ``compute_score`` of each family in a fresh process, with
+    and without the prestart at import of ``verl_reward``."""
+    math_row = next(r for r in load("math") if r["components"].get("strategy") == "symbolic")
+    mbpp_row = next(r for r in load("mbpp") if r["components"].get("exec_status") == "all_passed")
+    gsm_row = load("gsm8k")[0]
+    rows = {name: {k: row[k] for k in ("data_source", "solution_str", "ground_truth")}
+            for name, row in (("math", math_row), ("mbpp", mbpp_row), ("gsm8k", gsm_row))}
+    results = []
+    for prestart in ("1", "0"):
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "OMP_NUM_THREADS": "1",
+               "GRAIL_REWARD_PRESTART": prestart}
+        done = subprocess.run([sys.executable, "-c", FIRST_CALL, json.dumps(rows)], capture_output=True,
+                              text=True, check=True, env=env, cwd=ROOT)
+        results.append((prestart == "1", json.loads(done.stdout.splitlines()[-1])))
+    return results
+
+
 def bench_text_families(min_seconds: float) -> list[tuple]:
     gsm8k = load("gsm8k")
     short = [row for row in gsm8k if len(row["solution_str"]) < 10_000]
@@ -160,8 +314,10 @@ def bench_text_families(min_seconds: float) -> list[tuple]:
     ]
 
 
-def mbpp_programs() -> list[list[str]]:
-    """Test programs of every executed MBPP case except those that wait for a timeout."""
+def mbpp_programs() -> list[tuple[str, list[str]]]:
+    """(code, tests) of every executed MBPP case except those that wait for a timeout."""
+    from grail_megatron.rewards.extract import parse_completion
+
     programs = []
     for row in load("mbpp"):
         components = row["components"]
@@ -169,21 +325,18 @@ def mbpp_programs() -> list[list[str]]:
             continue
         if "Execution timed out" in (components.get("test_errors") or []):
             continue
-        from grail_megatron.rewards.extract import parse_completion
-
-        code = parse_completion(row["solution_str"]).inside
-        tests = build_tests(json.loads(row["ground_truth"]))
-        programs.append([f"{code}\n\n{test}" for test in tests])
+        programs.append((parse_completion(row["solution_str"]).inside, build_tests(json.loads(row["ground_truth"]))))
     return programs
 
 
-def pool_rate(programs: list[list[str]], workers: int) -> tuple[float, list[list[dict]], str]:
-    """Programs/s through a ``SandboxPool`` of the mode this process gets, its verdicts."""
+def pool_rate(programs: list[tuple[str, list[str]]], workers: int) -> tuple[float, list[list[dict]], str]:
+    """Programs/s through a ``SandboxPool`` of the mode this process gets (the scorer's
+    ``run_tests``: split tests judged here), its verdicts."""
     with SandboxPool(workers=workers, config=SandboxConfig()) as pool:
         pool.run(["pass"])  # both zygotes are up before the clock starts
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(workers) as executor:
-            pooled = list(executor.map(pool.run, programs))
+            pooled = list(executor.map(lambda program: pool.run_tests(*program), programs))
         return len(programs) / (time.perf_counter() - start), pooled, pool.mode
 
 
@@ -204,11 +357,12 @@ def bench_mbpp(workers: int, repeats: int) -> tuple[list[tuple], bool]:
     pool_rate_, pooled, mode = pool_rate(programs, workers)
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(workers) as executor:
-        baseline = list(executor.map(lambda tests: [_baseline_test(t, 5.0) for t in tests], programs))
+        baseline = list(executor.map(
+            lambda program: [_baseline_test(f"{program[0]}\n\n{t}", 5.0) for t in program[1]], programs))
     base_rate = len(programs) / (time.perf_counter() - start)
     statuses = [[v["status"] for v in p] for p in pooled]
     same = statuses == [[v["status"] for v in b] for b in baseline]
-    tests = sum(len(p) for p in programs)
+    tests = sum(len(p[1]) for p in programs)
     rows = [
         (f"MBPP programs/s, zygote pool, {mode} mode ({workers} workers, {len(programs)} programs, "
          f"{tests} tests)", pool_rate_, ""),
@@ -266,7 +420,9 @@ def main(argv: list[str] | None = None) -> int:
     min_seconds = 0.5 if args.quick else 3.0
     console = Console()
 
+    first_calls = bench_first_call()
     text_rows = bench_text_families(min_seconds)
+    math_rows = bench_math_cold(args.workers)
     mbpp_rows, same_verdicts = bench_mbpp(args.workers, repeats=1 if args.quick else 4)
     worst = bench_worst_case()
 
@@ -274,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     table.add_column("measurement")
     table.add_column("value", justify="right")
     table.add_column("target")
-    for name, value, target in text_rows + mbpp_rows:
+    for name, value, target in text_rows + math_rows + mbpp_rows:
         ratio = "speed-up" in name or " / " in name
         table.add_row(name, f"{value:,.2f}x" if ratio else f"{value:,.1f}", target)
     table.add_row("MBPP verdicts identical (pool, userns pool, baseline)", "yes" if same_verdicts else "NO",
@@ -289,6 +445,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, seconds, timed_out in worst:
         detail.add_row(name, f"{seconds:.3f}", str(timed_out))
     console.print(detail)
+
+    first = Table(title="first compute_score in a fresh process (s; the import of verl_reward starts the workers)")
+    for column in ("prestart at import", "import", "first MATH (sympy)", "first MBPP", "first GSM8K"):
+        first.add_column(column, justify="right")
+    for prestarted, times in first_calls:
+        first.add_row("yes" if prestarted else "no (GRAIL_REWARD_PRESTART=0)",
+                      *(f"{times[key]:.3f}" for key in ("import", "math", "mbpp", "gsm8k")))
+    console.print(first)
     return 0 if same_verdicts else 1
 
 

@@ -8,7 +8,9 @@ row must not kill a training step.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
+import threading
 from functools import lru_cache
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -18,6 +20,37 @@ from grail_megatron.rewards.sandbox import SandboxPool, SandboxUnavailable, defa
 from grail_megatron.rewards.sandbox_mode import format_only_allowed
 
 ROUTES = ("gsm8k", "math", "mbpp")
+PRESTART_ENV = "GRAIL_REWARD_PRESTART"
+_LOG = logging.getLogger(__name__)
+
+
+def prestart() -> dict[str, str]:
+    """Start the sympy workers and the MBPP pool now, concurrently, and wait for them, so
+    that no ``compute_score`` call (the first included) pays their start (1-3 s).
+
+    ``verl_reward`` calls it when a reward worker imports it. Returns what could not start
+    (``{"sympy": message, "mbpp": message}``, logged too): that error is raised again by
+    the first row that needs it, as without a prestart.
+    """
+    from grail_megatron.rewards.sympy_worker import default_checker
+
+    failures: dict[str, str] = {}
+
+    def start(name: str, fn) -> None:
+        try:
+            fn()
+        except Exception as exc:  # SandboxUnavailable included: surfaced again on use
+            failures[name] = f"{type(exc).__name__}: {exc}"
+
+    threads = [threading.Thread(target=start, args=("sympy", default_checker().warmup)),
+               threading.Thread(target=start, args=("mbpp", default_pool))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name, message in failures.items():
+        _LOG.warning("reward prestart: %s did not start: %s", name, message)
+    return failures
 
 
 @lru_cache(maxsize=4096)

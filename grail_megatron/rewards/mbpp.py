@@ -2,7 +2,8 @@
 
 Test programs follow GRAIL's reference: ground truth is JSON with ``test_list``,
 ``test_setup_code`` and ``test_imports``; test i is ``imports + setup + assert`` and runs
-as ``code + "\\n\\n" + test`` in a fresh confined process (``sandbox.py``).
+as ``code + "\\n\\n" + test`` in a fresh confined process (``sandbox.py``); tests of the
+form ``assert CALL == EXPECTED`` are judged outside the sandbox (``plain_data``).
 """
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ def score(solution_str: str, ground_truth: Any, *, pool: SandboxPool | None = No
             result["executed"] = True
             if syntax_valid:
                 try:
-                    verdicts = (pool or default_pool()).run([f"{code}\n\n{test}" for test in tests])
+                    verdicts = (pool or default_pool()).run_tests(code, tests)
                 except SandboxUnavailable as exc:  # never run model code unconfined
                     verdicts = _format_only_verdicts(exc, len(tests), allow_format_only)
                     result["reason"] = str(exc)

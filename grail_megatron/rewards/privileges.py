@@ -67,10 +67,17 @@ def enter_unprivileged_sandbox(flags: int = 0) -> None:  # pragma: no cover - pa
     caller returns as PID 1 of the new PID namespace (so every process it starts is
     invisible to, and cannot signal, anything outside); its parent only relays the exit
     status, and its death kills the caller (and with it the whole namespace)."""
-    import signal
 
     enter_user_namespace(os.CLONE_NEWNET | os.CLONE_NEWIPC | os.CLONE_NEWPID | flags)
     forbid_nested_user_namespaces()
+    become_namespace_init()
+
+
+def become_namespace_init() -> None:  # pragma: no cover - parent never returns
+    """After ``unshare(CLONE_NEWPID)``: the caller returns as PID 1 of the new namespace,
+    killed when its parent dies; the parent only relays the exit status."""
+    import signal
+
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid:

@@ -2,8 +2,12 @@
 
 ``SandboxPool(workers)`` starts ``workers`` zygote processes (``zygote.py``); each program
 is sent to a free zygote, which forks a fresh confined process per test and reports one
-verdict per test. Threads may call ``run`` concurrently: at most ``workers`` programs run
-at once, the rest wait for a free zygote.
+verdict per test. Threads may call ``run``/``run_tests`` concurrently: at most ``workers``
+programs run at once, the rest wait for a free zygote.
+
+``run_tests(code, tests)`` is the scorer's entry point: tests of the form ``assert CALL ==
+EXPECTED`` (``plain_data``) are split, so that ``EXPECTED`` stays in this process, which
+compares it with the value the sandbox sends back.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ import subprocess
 import sys
 import threading
 
+from grail_megatron.rewards import plain_data
+from grail_megatron.rewards.jail import shared_dirs
 from grail_megatron.rewards.sandbox_config import SandboxConfig
 from grail_megatron.rewards.sandbox_mode import (
     MODE_ENV, UNAVAILABLE_PREFIX, hidden_dirs, resolve_mode, unavailable_message)
@@ -41,7 +47,8 @@ def resolve_config(config: SandboxConfig) -> SandboxConfig:
         raise SandboxUnavailable(f"{UNAVAILABLE_PREFIX}{MODE_ENV}=userns is for non-root processes "
                                  f"(uid 0 has no process limit); use {MODE_ENV}=root or auto")
     dirs = hidden_dirs(config.hidden_dirs) if mode == "userns" else config.hidden_dirs
-    return dataclasses.replace(config, mode=mode, hidden_dirs=dirs)
+    shared = tuple(dict.fromkeys((*shared_dirs(), *config.shared_dirs)))
+    return dataclasses.replace(config, mode=mode, hidden_dirs=dirs, shared_dirs=shared)
 
 
 class _ZygoteProcess:
@@ -63,8 +70,8 @@ class _ZygoteProcess:
                 raise SandboxUnavailable(last)
             raise SandboxUnavailable(unavailable_message(config.mode, f"the zygote failed to start: {last}"))
 
-    def run(self, programs: list[str], timeout: float) -> list[dict]:
-        self.proc.stdin.write(json.dumps({"programs": programs, "timeout": timeout}).encode() + b"\n")
+    def run(self, jobs: list[dict], timeout: float) -> list[dict]:
+        self.proc.stdin.write(json.dumps({"jobs": jobs, "timeout": timeout}).encode() + b"\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
@@ -105,12 +112,25 @@ class SandboxPool:
         self._free.put(zygote)
 
     def run(self, programs: list[str]) -> list[dict]:
-        """Run each program (code + test) in its own confined process; one verdict each:
-        ``{"status": "success"|"runtime_error"|"syntax_error"|"timeout"|"process_error",
-        "error": str | None}``."""
+        """Run each program (code + test) whole in its own confined process, with the
+        reference's semantics; one verdict each: ``{"status": "success"|"runtime_error"|
+        "syntax_error"|"timeout"|"process_error", "error": str | None}``."""
+        return self._run_jobs([{"program": program} for program in programs])
+
+    def run_tests(self, code: str, tests: list[str]) -> list[dict]:
+        """Verdicts of ``code`` against each test (``code + "\n\n" + test``), split tests
+        judged here from the value the sandbox sends back (same verdicts as ``run`` for
+        honest code; see ``plain_data``)."""
+        splits = [plain_data.split_test(test) for test in tests]
+        jobs = [split.job(code) if split else {"program": f"{code}\n\n{test}"}
+                for split, test in zip(splits, tests)]
+        replies = self._run_jobs(jobs)
+        return [plain_data.judge(split, reply) if split else reply for split, reply in zip(splits, replies)]
+
+    def _run_jobs(self, jobs: list[dict]) -> list[dict]:
         zygote = self._free.get()
         try:
-            results = zygote.run(programs, self.config.timeout)
+            results = zygote.run(jobs, self.config.timeout)
         except (EOFError, OSError, ValueError) as exc:
             # The zygote never runs model code, so this is an infrastructure failure:
             # replace it and report the tests as errored rather than guessing.
@@ -118,7 +138,7 @@ class SandboxPool:
                 self._all.remove(zygote)
             zygote.close()
             self._add()
-            return [{"status": "process_error", "error": f"sandbox failure: {exc}"} for _ in programs]
+            return [{"status": "process_error", "error": f"sandbox failure: {exc}"} for _ in jobs]
         self._free.put(zygote)
         return results
 
@@ -143,6 +163,9 @@ class UnavailablePool:
         self.error = error
 
     def run(self, programs: list[str]) -> list[dict]:
+        raise self.error
+
+    def run_tests(self, code: str, tests: list[str]) -> list[dict]:
         raise self.error
 
     def close(self) -> None:

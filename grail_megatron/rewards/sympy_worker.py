@@ -4,8 +4,10 @@
 (``10**10**10``, huge factorials, deep nesting), so the GRAIL strategy "parse both answers,
 ``simplify(a - b) == 0``" runs in a separate process that:
 
-* is started with an empty environment, holds no privileges (``nobody``, no network,
-  RLIMIT_AS 1 GiB) and imports sympy once;
+* is started with an empty environment, imports sympy once and then enters the MBPP
+  tests' jail without the writable directories (``_confine``: ``nobody`` or no
+  capabilities, no network, no IPC, no writable path, no Unix socket, no new namespace,
+  its own PID namespace, RLIMIT_AS 1 GiB);
 * never evaluates anything itself: it forks evaluator processes from its warm state and
   SIGKILLs one that runs past ``budget`` seconds; the replacement is another fork
   (milliseconds), so a hang costs one budget and the next call pays nothing;
@@ -202,26 +204,35 @@ _WARMUP = (
 
 
 def _confine() -> None:  # pragma: no cover - runs in the worker process
-    """Root: no network, the import dirs reachable for ``nobody``, then ``nobody``.
-    Not root: its own user, network, PID and mount namespaces (it cannot see or signal the
-    trainer's processes), a read-only tree with the caller's private directories hidden
-    (``--hide``), no capabilities."""
+    """The MBPP tests' jail, read-only: own network, IPC (no System V objects, no message
+    queues) and PID namespaces, a read-only tree whose shared directories (/tmp, /run,
+    /dev/shm, ...) are empty read-only tmpfs, the seccomp filter (no Unix sockets, no new
+    namespaces). Root: the import dirs stay reachable for ``nobody``, then ``nobody``.
+    Not root: its own user namespace, the caller's private directories hidden (``--hide``),
+    no capabilities."""
+    from grail_megatron.rewards.jail import IPC_NONE, SyscallFilter, limit_ipc, shared_dirs
     from grail_megatron.rewards.privileges import (
-        drop_capabilities, drop_to, enter_unprivileged_sandbox, isolate_network)
-    from grail_megatron.rewards.sandbox_child import private_mounts_with_import_paths, unprivileged_view
+        become_namespace_init, drop_capabilities, drop_to, enter_unprivileged_sandbox)
+    from grail_megatron.rewards.sandbox_fs import jail_filesystem, jail_plans
 
-    if os.geteuid() == 0:
-        isolate_network()
-        # After dropping to nobody, a lazy import inside sympy must still find the standard
-        # library (which may live under a 0700 home such as /root/.pyenv).
-        private_mounts_with_import_paths(sys.path)
-        drop_to()
-        return
+    root = os.geteuid() == 0
     hide = next((arg.split("=", 1)[1] for arg in sys.argv if arg.startswith("--hide=")), "")
-    enter_unprivileged_sandbox()
     imports = [sys.base_prefix, sys.prefix, *sys.path]  # with <prefix>/lib's shared libraries
-    unprivileged_view(tuple(d for d in hide.split(":") if d), imports, 16 * 1024**2)
-    drop_capabilities()
+    plans = jail_plans("root" if root else "userns", tuple(d for d in hide.split(":") if d),
+                       shared_dirs(), imports)
+    syscall_filter = SyscallFilter()
+    if root:
+        os.unshare(os.CLONE_NEWNET | os.CLONE_NEWIPC | os.CLONE_NEWPID)
+        become_namespace_init()
+    else:
+        enter_unprivileged_sandbox()
+    limit_ipc(IPC_NONE, required=root)
+    jail_filesystem(*plans, 1 << 20, writable=False)
+    if root:
+        drop_to()
+    else:
+        drop_capabilities()
+    syscall_filter.load()
 
 
 def _serve() -> None:  # pragma: no cover - exercised through SympyChecker in a subprocess
@@ -332,21 +343,25 @@ class _Worker:
 
 
 class SympyChecker:
-    """Thread-safe front end: one worker process per mode, an LRU cache of verdicts.
+    """Thread-safe front end: up to ``workers`` worker processes per mode (a batch scored
+    from several threads checks that many answers at once), an LRU cache of verdicts.
 
-    The worker enforces ``budget`` itself (it kills and re-forks its evaluator); this side
-    only waits ``budget + slack`` and restarts the whole worker if even that passes.
+    A worker enforces ``budget`` itself (it kills and re-forks its evaluator); this side
+    only waits ``budget + slack`` and replaces the whole worker if even that passes.
     """
 
     def __init__(self, budget: float = 0.5, slack: float = 0.25, startup_timeout: float = 60.0,
-                 cache_size: int = 65536):
+                 cache_size: int = 65536, workers: int = 1):
         self.budget = budget
         self.slack = slack
         self.startup_timeout = startup_timeout
         self.cache_size = cache_size
+        self.max_workers = max(1, workers)
         self._cache: OrderedDict[tuple[str, str, str], CheckResult] = OrderedDict()
         self._lock = threading.Lock()
-        self._workers: dict[bool, _Worker] = {}
+        self._freed = threading.Condition(self._lock)
+        self._idle: dict[bool, list[_Worker]] = {False: [], True: []}
+        self._started: dict[bool, int] = {False: 0, True: 0}
         self._unavailable = ""  # why no worker can start here (accepted via GRAIL_ALLOW_NO_SYMPY)
         self.timeouts = 0
 
@@ -357,74 +372,109 @@ class SympyChecker:
             if hit is not None:
                 self._cache.move_to_end(key)
                 return hit
-            result = self._ask(op, pred, gold)
+        result = self._ask(op, pred, gold)
+        with self._lock:
             self._cache[key] = result
             if len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
-            return result
+        return result
 
     def warmup(self, math_verify: bool = False) -> None:
-        """Start (and wait for) the worker so the first check pays no startup."""
+        """Start every worker (at once) and wait for them, so no check pays a start."""
         with self._lock:
-            self._worker(math_verify)
+            missing = self.max_workers - self._started[math_verify]
+            self._started[math_verify] += missing
+        fresh = [_Worker(math_verify) for _ in range(missing)]
+        for worker in fresh:
+            self._release(self._ready_or_raise(worker, math_verify), math_verify)
 
     def close(self) -> None:
         with self._lock:
-            for worker in self._workers.values():
-                worker.kill()
-            self._workers.clear()
+            workers = self._idle[False] + self._idle[True]
+            self._idle = {False: [], True: []}
+            self._started = {False: 0, True: 0}
+        for worker in workers:
+            worker.kill()
 
-    # -- internals (called with the lock held)
-    def _worker(self, math_verify: bool) -> _Worker:
-        if self._unavailable:  # do not pay a failing start (a sympy import) on every check
-            raise RuntimeError(self._unavailable)
-        worker = self._workers.get(math_verify)
-        if worker is None:
-            worker = self._workers[math_verify] = _Worker(math_verify)
-        if not worker.wait_ready(time.monotonic() + self.startup_timeout):
-            error = worker.startup_error()
-            self._retire(math_verify)
-            if error.startswith(SYMPY_UNAVAILABLE_PREFIX):
-                if not no_sympy_allowed():
-                    raise SandboxUnavailable(error)  # loud: MATH scores would silently change
+    # -- internals
+    def _acquire(self, math_verify: bool) -> _Worker:
+        with self._lock:
+            while True:
+                if self._unavailable:  # do not pay a failing start (a sympy import) per check
+                    raise RuntimeError(self._unavailable)
+                if self._idle[math_verify]:
+                    return self._idle[math_verify].pop()
+                if self._started[math_verify] < self.max_workers:
+                    self._started[math_verify] += 1
+                    break
+                self._freed.wait()
+        return self._ready_or_raise(_Worker(math_verify), math_verify)
+
+    def _ready_or_raise(self, worker: _Worker, math_verify: bool) -> _Worker:
+        if worker.wait_ready(time.monotonic() + self.startup_timeout):
+            return worker
+        error = worker.startup_error()
+        self._retire(worker, math_verify)
+        if error.startswith(SYMPY_UNAVAILABLE_PREFIX):
+            if not no_sympy_allowed():
+                raise SandboxUnavailable(error)  # loud: MATH scores would silently change
+            with self._lock:
                 self._unavailable = error
-            raise RuntimeError(f"sympy worker did not start: {error}")
-        return worker
+        raise RuntimeError(f"sympy worker did not start: {error}")
+
+    def _release(self, worker: _Worker, math_verify: bool) -> None:
+        with self._lock:
+            self._idle[math_verify].append(worker)
+            self._freed.notify()
+
+    def _retire(self, worker: _Worker, math_verify: bool) -> None:
+        worker.kill()
+        with self._lock:
+            self._started[math_verify] -= 1
+            self._freed.notify()
 
     def _ask(self, op: str, pred: str, gold: str) -> CheckResult:
         math_verify = op == "math_verify"
         request = {"op": op, "pred": pred, "gold": gold, "budget": self.budget}
         try:
-            worker = self._worker(math_verify)
-            reply = worker.ask(request, time.monotonic() + self.budget + self.slack)
+            worker = self._acquire(math_verify)
         except SandboxUnavailable:
             raise
-        except (EOFError, OSError, RuntimeError, ValueError) as exc:
-            self._retire(math_verify)
+        except RuntimeError as exc:
+            return CheckResult(False, error=f"sympy worker failed: {exc}")
+        try:
+            reply = worker.ask(request, time.monotonic() + self.budget + self.slack)
+        except (EOFError, OSError, ValueError) as exc:
+            self._retire(worker, math_verify)
             return CheckResult(False, error=f"sympy worker failed: {exc}")
         if reply is None:  # the worker itself is stuck: start afresh
-            self._retire(math_verify)
+            self._retire(worker, math_verify)
             reply = {"equal": False, "timed_out": True}
+        else:
+            self._release(worker, math_verify)
         if reply.get("timed_out"):
-            self.timeouts += 1
+            with self._lock:
+                self.timeouts += 1
         return CheckResult(bool(reply["equal"]), bool(reply.get("timed_out")), reply.get("error", ""))
-
-    def _retire(self, math_verify: bool) -> None:
-        worker = self._workers.pop(math_verify, None)
-        if worker is not None:
-            worker.kill()
 
 
 _DEFAULT: SympyChecker | None = None
 _DEFAULT_LOCK = threading.Lock()
 
 
+def default_workers() -> int:
+    """``GRAIL_SYMPY_WORKERS``, else the CPU count, at most 4 (each holds ~100 MB)."""
+    return int(os.environ.get("GRAIL_SYMPY_WORKERS", "0")) or min(os.cpu_count() or 1, 4)
+
+
 def default_checker() -> SympyChecker:
-    """The process-wide checker; its budget (seconds) comes from ``GRAIL_SYMPY_BUDGET``."""
+    """The process-wide checker: ``default_workers()`` workers, budget (seconds) from
+    ``GRAIL_SYMPY_BUDGET``."""
     global _DEFAULT
     with _DEFAULT_LOCK:
         if _DEFAULT is None:
-            _DEFAULT = SympyChecker(budget=float(os.environ.get("GRAIL_SYMPY_BUDGET", "0.5")))
+            _DEFAULT = SympyChecker(budget=float(os.environ.get("GRAIL_SYMPY_BUDGET", "0.5")),
+                                    workers=default_workers())
             import atexit
 
             atexit.register(_DEFAULT.close)

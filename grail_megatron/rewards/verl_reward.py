@@ -9,12 +9,18 @@ scalar keys; point verl at it with::
 
     reward.custom_reward_function.path=pkg://grail_megatron.rewards.verl_reward
     reward.custom_reward_function.name=compute_score
+
+Importing it (which verl does when a reward worker starts) starts the sympy workers and
+the MBPP sandbox pool (``api.prestart``), so the first step's rewards pay no start-up;
+``GRAIL_REWARD_PRESTART=0`` skips that (tools that import without scoring).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from grail_megatron.rewards.api import PRESTART_ENV, prestart
 from grail_megatron.rewards.api import compute_score as _full_score
 from grail_megatron.rewards.api import compute_score_batch as _full_batch
 
@@ -83,3 +89,7 @@ def compute_score_batched(
         for d, s, g, e in zip(data_sources, solution_strs, ground_truths, extra_infos, strict=True)
     ]
     return [flatten(result) for result in _full_batch(items, max_workers=max_workers, **kwargs)]
+
+
+if os.environ.get(PRESTART_ENV, "1").strip().lower() not in {"0", "false", "no"}:
+    prestart()

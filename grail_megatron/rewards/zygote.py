@@ -3,14 +3,18 @@
 Started once per pool slot (``python -I -m grail_megatron.rewards.zygote``) with an empty
 environment. It imports what test programs commonly need, moves itself into a private
 network namespace, and then serves JSON-line requests on stdin,
-``{"programs": [code + test, ...], "timeout": seconds}``, one verdict per program. It
-never runs model code itself, so its state stays clean; every test gets a fresh fork that:
+``{"jobs": [job, ...], "timeout": seconds}`` (a job is ``{"program": code + test}`` or a
+split test, ``plain_data.SplitTest.job``), one reply per job. It never runs model code
+itself, so its state stays clean, and it never holds a split test's expected value; every
+test gets a fresh fork (the supervisor of ``sandbox_child``) that:
 
 * is PID 1 of a new PID namespace: SIGKILLing it kills everything the test started, even
   processes that called setsid (a hard kill of the whole tree, fork bombs included);
-* has its own mount namespace with fresh tmpfs on /tmp, /var/tmp and /dev/shm, so nothing
-  it writes survives it or is seen by another test;
-* runs as ``nobody`` with rlimits and the reference's guard (``sandbox_child``).
+* has its own mount and IPC namespaces: a read-only tree, one private size-limited tmpfs
+  in place of every shared directory (/tmp, /run, /dev/shm, ...), bounded System V IPC,
+  so nothing it writes survives it or is seen by another test or the host;
+* runs as ``nobody`` with rlimits, a seccomp filter and, in its worker process, the
+  reference's guard (``sandbox_child``).
 
 Not root (``userns`` mode, ``sandbox_mode.py``), the zygote first enters a user namespace
 of its own uid with fresh network, IPC and PID namespaces, and serves from a forked child
@@ -27,7 +31,9 @@ import signal
 import sys
 import time
 
-from grail_megatron.rewards.sandbox_child import hiding_plan, import_path_exposure, run_test
+from grail_megatron.rewards.jail import SyscallFilter
+from grail_megatron.rewards.sandbox_child import MAX_REPLY_BYTES, run_test
+from grail_megatron.rewards.sandbox_fs import jail_plans
 from grail_megatron.rewards.sandbox_config import SandboxConfig
 from grail_megatron.rewards.privileges import enter_unprivileged_sandbox
 from grail_megatron.rewards.sandbox_mode import explain_os_error, unavailable_message
@@ -41,7 +47,7 @@ _PRELOAD = (
     "concurrent.futures ctypes"
 ).split()
 
-MAX_VERDICT_BYTES = 1 << 16
+MAX_VERDICT_BYTES = MAX_REPLY_BYTES + (1 << 12)  # a value, JSON-quoted once more
 MAX_CONCURRENT_TESTS = 16  # tests of one program run at once, like the reference's pool
 
 
@@ -71,23 +77,22 @@ def _wait_exit(pid: int, deadline: float) -> int | None:
     return os.waitpid(pid, 0)[1]
 
 
-def _parse_verdict(raw: bytes, nonce: str) -> dict:
+def _parse_verdict(raw: bytes) -> dict:
+    """The supervisor's line (it runs no model code, but stay strict about shapes)."""
     try:
         verdict = json.loads(raw)
     except ValueError:
         verdict = None
     if not (isinstance(verdict, dict) and verdict.get("status") in _STATUSES):
         return {"status": "process_error", "error": "Malformed verdict from the test process"}
-    if verdict.get("nonce") != nonce:
-        return {"status": "process_error", "error": "Forged verdict from the test process"}
-    return {"status": verdict["status"], "error": verdict.get("error")}
+    return verdict
 
 
 class _RunningTest:
-    """One forked test process: PID 1 of its namespace, verdict pipe, what it reported."""
+    """One forked test supervisor: PID 1 of its namespace, verdict pipe, what it reported."""
 
-    def __init__(self, pid: int, fd: int, nonce: str) -> None:
-        self.pid, self.fd, self.nonce = pid, fd, nonce
+    def __init__(self, pid: int, fd: int) -> None:
+        self.pid, self.fd = pid, fd
         self.buffer = b""
         self.verdict: bytes | None = None
         self.closed_without_verdict = False
@@ -110,7 +115,7 @@ class _RunningTest:
 
     def result(self) -> dict:
         if self.verdict is not None:
-            return _parse_verdict(self.verdict, self.nonce)
+            return _parse_verdict(self.verdict)
         if self.exited_in_time:
             code = os.waitstatus_to_exitcode(self.status)
             return {"status": "process_error", "error": f"Process terminated unexpectedly (exit_code={code})"}
@@ -121,15 +126,11 @@ class Zygote:
     def __init__(self, config: SandboxConfig) -> None:
         self.config = config
         self._own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY)
-        if config.mode == "root":
-            self._exposure = import_path_exposure(sys.path)
-        else:
-            # The whole installation, not only sys.path: lazily loaded extension modules
-            # link against shared libraries in <prefix>/lib (conda's libcrypto, libsqlite3).
-            self._exposure = hiding_plan(config.hidden_dirs, [sys.base_prefix, sys.prefix, *sys.path])
+        imports = [sys.base_prefix, sys.prefix, *sys.path]
+        self._plans = jail_plans(config.mode, config.hidden_dirs, config.shared_dirs, imports)
+        self._filter = SyscallFilter()
 
-    def _start(self, program: str) -> _RunningTest:
-        nonce = os.urandom(16).hex()
+    def _start(self, job: dict) -> _RunningTest:
         read_end, write_end = os.pipe()
         os.unshare(os.CLONE_NEWPID)  # the next child is PID 1 of a fresh namespace
         pid = -1
@@ -139,24 +140,24 @@ class Zygote:
                 os.close(read_end)
                 try:
                     signal.signal(signal.SIGINT, signal.default_int_handler)
-                    run_test(program, write_end, self.config, self._exposure, nonce)
+                    run_test(job, write_end, self.config, self._plans, self._filter)
                 finally:
                     os._exit(72)  # never fall back into the zygote's own code
         finally:
             if pid != 0:
                 os.setns(self._own_pid_ns, os.CLONE_NEWPID)
         os.close(write_end)
-        return _RunningTest(pid, read_end, nonce)
+        return _RunningTest(pid, read_end)
 
-    def run_tests(self, programs: list[str], timeout: float) -> list[dict]:
-        """Run programs concurrently (as the reference does), each with ``timeout``."""
+    def run_tests(self, jobs: list[dict], timeout: float) -> list[dict]:
+        """Run jobs concurrently (as the reference does), each with ``timeout``."""
         results = []
-        for start in range(0, len(programs), MAX_CONCURRENT_TESTS):
-            results += self._run_group(programs[start : start + MAX_CONCURRENT_TESTS], timeout)
+        for start in range(0, len(jobs), MAX_CONCURRENT_TESTS):
+            results += self._run_group(jobs[start : start + MAX_CONCURRENT_TESTS], timeout)
         return results
 
-    def _run_group(self, programs: list[str], timeout: float) -> list[dict]:
-        tests = [self._start(program) for program in programs]
+    def _run_group(self, jobs: list[dict], timeout: float) -> list[dict]:
+        tests = [self._start(job) for job in jobs]
         deadline = time.monotonic() + timeout
         pending = {test.fd: test for test in tests}
         while pending:
@@ -182,12 +183,13 @@ class Zygote:
         stdout.flush()
         for line in stdin:
             request = json.loads(line)
-            results = self.run_tests(request["programs"], request["timeout"])
+            results = self.run_tests(request["jobs"], request["timeout"])
             stdout.write(json.dumps({"results": results}).encode() + b"\n")
             stdout.flush()
 
 
-_STATUSES = {"success", "syntax_error", "runtime_error", "process_error", "timeout"}
+# "value", "truth" and "opaque" carry a split test's outcome to the scorer (plain_data.judge).
+_STATUSES = {"success", "syntax_error", "runtime_error", "process_error", "timeout", "value", "truth", "opaque"}
 
 
 def _enter_root_mode() -> None:
@@ -237,7 +239,7 @@ def main() -> None:  # pragma: no cover - runs as the zygote process
     zygote = Zygote(config)
     # Fail loudly at start (not with every verdict) where namespaces or mounts are denied,
     # e.g. an unprivileged container with a restrictive seccomp profile.
-    probe = zygote.run_tests(["import os\nassert os.getuid() != 0"], timeout=max(config.timeout, 5.0))[0]
+    probe = zygote.run_tests([{"program": "import os\nassert os.getuid() != 0"}], timeout=max(config.timeout, 5.0))[0]
     if probe["status"] != "success":
         detail = f"the sandbox self-test failed: {probe['error']}"
         sys.stderr.write(unavailable_message(config.mode, detail) + "\n")

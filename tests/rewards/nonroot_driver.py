@@ -18,7 +18,27 @@ from pathlib import Path
 def _nested_processes(uid: int, below: int = 2) -> int:
     """Live processes of ``uid`` at least ``below`` PID namespaces below this one (2: MBPP
     tests, in their own namespace inside the zygote's; 1: also the sympy worker's)."""
-    count = 0
+    return len(_nested_names(uid, below))
+
+
+def _parent(pid: str) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError):
+        return 0
+
+
+def _ours(pid: str) -> bool:
+    """A descendant of this driver (the root-mode tests' sympy workers also run as nobody
+    in a PID namespace of their own, but belong to the pytest process)."""
+    ancestor = _parent(pid)
+    while ancestor > 1 and ancestor != os.getpid():
+        ancestor = _parent(str(ancestor))
+    return ancestor == os.getpid()
+
+
+def _nested_names(uid: int, below: int) -> list[str]:
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -27,9 +47,10 @@ def _nested_processes(uid: int, below: int = 2) -> int:
         except OSError:
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        if int(fields["Uid"].split()[0]) == uid and len(fields.get("NSpid", "").split()) > below:
-            count += 1
-    return count
+        nested = len(fields.get("NSpid", "").split()) > below
+        if int(fields["Uid"].split()[0]) == uid and nested and _ours(entry.name):
+            found.append(f"{entry.name}:{fields['Name'].strip()}:{fields['State'].strip()}")
+    return found
 
 
 def _scored(request: dict) -> dict:
@@ -73,10 +94,11 @@ def _sympy_probes(probes: list[list[str]]) -> list[dict]:
             result = checker.check(pred.replace("DRIVER_PID", str(os.getpid())), gold)
             results.append({"equal": result.equal, "timed_out": result.timed_out, "error": result.error})
         checker.close()
-        deadline = time.monotonic() + 10.0  # SIGKILLed, the worker's namespace dies with it
+        deadline = time.monotonic() + 30.0  # SIGKILLed, the worker's namespace dies with it (slowly under load)
         while _nested_processes(os.geteuid(), below=1) and time.monotonic() < deadline:
             time.sleep(0.05)
-        results.append({"leftover": _nested_processes(os.geteuid(), below=1)})
+        results.append({"leftover": _nested_processes(os.geteuid(), below=1),
+                        "names": _nested_names(os.geteuid(), below=1)})
         return results
     finally:
         checker.close()

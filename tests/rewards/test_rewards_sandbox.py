@@ -12,7 +12,6 @@ import pytest
 from grail_megatron.rewards import SandboxConfig, SandboxPool
 from rewards_cases import visible_scratch_dir
 
-SANDBOX_UID = 65534
 HARMLESS = "def add(a, b):\n    return a + b\n\nassert add(2, 3) == 5"
 
 
@@ -26,22 +25,27 @@ def pool():
         yield pool
 
 
-def _sandboxed_processes() -> list[int]:
-    """Live processes of the sandbox uid inside a nested PID namespace, i.e. test processes
-    or anything they started (the sympy evaluators also run as nobody, but in ours)."""
-    found = []
+def _sandboxed_processes(pool) -> list[int]:
+    """Live descendants of the pool's zygotes: test processes or anything they started
+    (the sympy worker also runs as nobody in a PID namespace of its own, so uid and
+    namespace depth alone cannot tell them apart)."""
+    parents = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            status = (entry / "status").read_text()
+            stat_line = (entry / "stat").read_text()
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        uid = int(fields["Uid"].split()[0])
-        nested = len(fields.get("NSpid", "").split()) > 1
-        if uid == SANDBOX_UID and nested:
-            found.append(int(entry.name))
+        parents[int(entry.name)] = int(stat_line.rsplit(")", 1)[1].split()[1])
+    roots = {zygote.proc.pid for zygote in pool._all}
+    found = []
+    for pid in parents:
+        ancestor = parents.get(pid)
+        while ancestor and ancestor not in roots:
+            ancestor = parents.get(ancestor)
+        if ancestor in roots:
+            found.append(pid)
     return found
 
 
@@ -52,7 +56,7 @@ def _run_hostile(pool, program: str) -> tuple[dict, float]:
     assert verdict["status"] != "success", verdict
     # The next program on the same zygote is unaffected.
     assert pool.run([HARMLESS]) == [{"status": "success", "error": None}]
-    assert _sandboxed_processes() == []
+    assert _sandboxed_processes(pool) == []
     return verdict, elapsed
 
 
@@ -170,6 +174,9 @@ def test_files_outside_the_private_directory_cannot_be_deleted(pool):
     victim = victim_dir / "precious.txt"
     victim.write_text("keep me")
     victim.chmod(0o644)
+    # Owned by the sandbox uid: only the read-only tree can protect it.
+    os.chown(victim_dir, 65534, 65534)
+    os.chown(victim, 65534, 65534)
     program = (
         "import posix, shutil\n"
         "for attempt in (lambda: posix.unlink(PATH), lambda: shutil.rmtree(DIR),\n"
@@ -182,7 +189,7 @@ def test_files_outside_the_private_directory_cannot_be_deleted(pool):
     ).replace("PATH", repr(str(victim))).replace("DIR", repr(str(victim_dir)))
     try:
         verdict, _ = _run_hostile(pool, program)
-        assert verdict["status"] == "runtime_error" and "Permission denied" in verdict["error"]
+        assert verdict["status"] == "runtime_error" and "Read-only file system" in verdict["error"]
         assert victim.read_text() == "keep me"
         assert stat.S_IMODE(victim.stat().st_mode) == 0o644
     finally:

@@ -6,7 +6,8 @@
 # CKPT is a run's checkpoint root (trainer.default_local_dir: the newest *complete* step is
 # used), a .../global_step_N directory or a .../global_step_N/actor directory. OUT defaults to
 # <step dir>/hf. Runs on CPU (no GPU, no NCCL), streams tensor by tensor, verifies the logits of
-# both sides (--verify) before publishing OUT, and exits non-zero on any error.
+# both sides (--verify) before publishing OUT. Exit status as grail-megatron's: 0 ok, 1 a check
+# (--verify) failed, 2 bad input, 3 broken environment.
 # Environment: PYTHON (default: the repo's .venv/bin/python, else python3), VERIFY=0 to skip --verify.
 set -euo pipefail
 
@@ -24,7 +25,16 @@ OUT=""
 if [[ $# -gt 0 && "$1" != --* ]]; then OUT="$1"; shift; fi
 if [[ -z "${OUT}" ]]; then
   # resolve the step directory the converter will use, to put the HF folder next to it
-  STEP_DIR="$("${PYTHON}" -c 'import sys; from grail_megatron.checkpoint.cli import resolve_checkpoint as r; p = r(sys.argv[1]); print(p.parent if p.name == "actor" else p)' "${CKPT}")"
+  # (one line on failure, exit 2: the project's "bad input")
+  STEP_DIR="$("${PYTHON}" -c '
+import sys
+from grail_megatron.checkpoint import CheckpointError
+from grail_megatron.checkpoint.manifest import resolve_checkpoint
+try:
+    p = resolve_checkpoint(sys.argv[1])
+except CheckpointError as exc:
+    sys.exit(f"convert_to_hf.sh: {exc}")
+print(p.parent if p.name == "actor" else p)' "${CKPT}")" || exit 2
   OUT="${STEP_DIR}/hf"
 fi
 

@@ -9,7 +9,7 @@
 # needed). KL=1 adds the low_var_kl loss and the reference worker. NNODES=N uses N x 8 GPUs.
 # LOGGER=console,tensorboard,wandb adds wandb (WANDB_MODE=offline works). Data comes from
 # `grail-megatron prepare-data` under GRAIL_DATA_ROOT (default ./data). The mapping of every
-# variable onto verl's keys: docs/config.md and grail_megatron/config/env_launch.py.
+# variable onto verl's keys: docs/config.md and grail_megatron/cli/env_launch.py.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -18,4 +18,4 @@ PYTHON="${PYTHON:-$HERE/../.venv/bin/python}"
 export DATASET="${DATASET:-math}"
 export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"  # Megatron comm/compute overlap
 
-exec "$PYTHON" -m grail_megatron.config.env_launch --model-preset qwen2.5-7b-instruct "$@"
+exec "$PYTHON" -m grail_megatron.cli.env_launch --model-preset qwen2.5-7b-instruct "$@"

@@ -70,3 +70,29 @@ def replace_dir(tmp_dir: str | os.PathLike, final_dir: str | os.PathLike) -> Non
     fsync_dir(final_dir.parent)
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_stale_temp_dirs(out_dir: str | os.PathLike, marker: str = "incomplete") -> list[Path]:
+    """Remove `.<name>.<marker>-<pid>` folders next to `out_dir` whose process is gone.
+
+    An interrupted conversion that could not clean up (SIGKILL, a power cut) leaves its temp
+    folder; the next run to the same `out_dir` removes it. Folders of live processes stay.
+    """
+    out_dir = Path(out_dir)
+    removed = []
+    for path in out_dir.parent.glob(f".{out_dir.name}.{marker}-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -22,6 +22,7 @@ from .layout import (
     DIST_CKPT_METADATA,
     MARKER_FILE,
     ROLE,
+    TRACKER_FILE,
     VERL_MANIFEST_FILE,
     ActorPaths,
     list_step_dirs,
@@ -150,3 +151,16 @@ def latest_complete_step(root: str | os.PathLike, *, deep: bool = False) -> int 
             logger.warning("%s: using step %d (tracker says %d)", root, step, tracker)
         return step
     return None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint root resolves to its newest complete step; step and actor dirs stay as given."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: does not exist")
+    if (path / TRACKER_FILE).exists() or list_step_dirs(path):
+        step = latest_complete_step(path)
+        if step is None:
+            raise CheckpointError(f"{path}: no complete checkpoint step found")
+        return step_dir(path, step)
+    return path

@@ -8,9 +8,11 @@ ranks save together with `save_checkpoint`. Memory: the model once, spread over 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,11 +70,16 @@ def from_hf(job: RelayoutJob) -> Path:
     if not (hf_dir / "config.json").is_file():
         raise CheckpointError(f"{hf_dir}: not an HF model folder (no config.json)")
     hf_config = AutoConfig.from_pretrained(str(hf_dir))
-    bridge, models = _build(hf_config, job.tp, job.pp)
-    bridge.load_hf_weights(models, hf_dir)
-    step = 0 if job.step is None else job.step
-    return save_checkpoint(job.out_root, step, models, hf_config=hf_config, hf_assets_dir=hf_dir,
-                           extra_state={"source": {"hf_model": str(hf_dir)}})
+    with _stages("from-hf", ("build model", "load HF weights", "save dist checkpoint")) as stage:
+        bridge, models = _build(hf_config, job.tp, job.pp)
+        stage()
+        bridge.load_hf_weights(models, hf_dir)
+        stage()
+        step = 0 if job.step is None else job.step
+        out = save_checkpoint(job.out_root, step, models, hf_config=hf_config, hf_assets_dir=hf_dir,
+                              extra_state={"source": {"hf_model": str(hf_dir)}})
+        stage()
+    return out
 
 
 def reshard(job: RelayoutJob) -> Path:
@@ -93,8 +100,11 @@ def reshard(job: RelayoutJob) -> Path:
     if not (actor.huggingface / "config.json").is_file():
         raise CheckpointError(f"{actor.huggingface}: no config.json; cannot rebuild the model to reshard")
     hf_config = AutoConfig.from_pretrained(str(actor.huggingface))
-    bridge, models = _build(hf_config, job.tp, job.pp)
-    load_model_weights(models, actor.model_dist)
+    with _stages("reshard", ("build model", "load dist checkpoint")) as stage:
+        bridge, models = _build(hf_config, job.tp, job.pp)
+        stage()
+        load_model_weights(models, actor.model_dist)
+        stage()
     state_file = step_dir / TRAINER_STATE_FILE
     extra = json.loads(state_file.read_text()).get("state", {}) if state_file.is_file() else {}
     dataloader_state = None
@@ -103,8 +113,32 @@ def reshard(job: RelayoutJob) -> Path:
 
         dataloader_state = torch.load(step_dir / DATALOADER_FILE, weights_only=False)
     step = job.step if job.step is not None else _step_of(step_dir)
-    return save_checkpoint(job.out_root, step, models, hf_config=hf_config, hf_assets_dir=actor.huggingface,
-                           extra_state=extra, dataloader_state=dataloader_state)
+    with _stages("reshard", ("save dist checkpoint",)) as stage:
+        out = save_checkpoint(job.out_root, step, models, hf_config=hf_config, hf_assets_dir=actor.huggingface,
+                              extra_state=extra, dataloader_state=dataloader_state)
+        stage()
+    return out
+
+
+@contextlib.contextmanager
+def _stages(desc: str, names: tuple[str, ...]):
+    """A progress bar over the stages of a conversion, on rank 0 only; yields `advance()`."""
+    from tqdm import tqdm
+
+    disabled = int(os.environ.get("RANK", "0")) != 0 or os.environ.get("GRAIL_NO_PROGRESS", "0") not in ("", "0")
+    bar = tqdm(total=len(names), desc=f"{desc}: {names[0]}", unit="stage", disable=disabled, file=sys.stderr)
+    done = [0]
+
+    def advance() -> None:
+        done[0] += 1
+        bar.update(1)
+        if done[0] < len(names):
+            bar.set_description(f"{desc}: {names[done[0]]}")
+
+    try:
+        yield advance
+    finally:
+        bar.close()
 
 
 def _step_of(step_dir: Path) -> int:
@@ -120,8 +154,9 @@ def run_job(job: RelayoutJob) -> Path:
 
 def main() -> None:
     """torchrun entry point: `python -m grail_megatron.checkpoint.relayout '<job json>'`."""
-    import sys
+    from grail_megatron.quiet import quiet_third_party
 
+    quiet_third_party()
     from grail_megatron.megatron import parallel
 
     job = RelayoutJob.from_json(sys.argv[1])

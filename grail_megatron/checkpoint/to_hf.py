@@ -23,7 +23,7 @@ import torch
 
 from .dist_reader import LAYER_PREFIX, DistCheckpointReader
 from .errors import CheckpointError, UnsupportedModelError
-from .fsutil import fsync_tree, replace_dir
+from .fsutil import fsync_tree, remove_stale_temp_dirs, replace_dir
 from .layout import ActorPaths, resolve_actor_dir
 from .safetensors_stream import DEFAULT_MAX_SHARD_BYTES, StreamingSafetensorsWriter, TensorSpec
 
@@ -391,6 +391,7 @@ def _stream_layers(reader, mapper, units, specs, dtype, writer, progress: bool) 
 def _staged_output(out_dir: Path):
     """A temp folder next to `out_dir`, removed on any error: nothing half-written is left."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_dirs(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.incomplete-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -82,7 +82,12 @@ class ModelSpec:
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no HF config.json at {path}")
-        raw = json.loads(path.read_text())
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: not a readable JSON HF config ({exc})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: not an HF config (a JSON object expected, got {type(raw).__name__})")
         try:
             return cls(
                 name=raw.get("_name_or_path") or path.parent.name,
@@ -97,4 +102,6 @@ class ModelSpec:
                 max_position_embeddings=int(raw.get("max_position_embeddings") or 32768),
             )
         except KeyError as exc:
-            raise ValueError(f"{path}: HF config lacks {exc.args[0]!r}") from exc
+            raise ValueError(f"{path}: HF config lacks {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: HF config has a non-integer size ({exc})") from None

@@ -514,8 +514,10 @@ def judge_rollout(inp: PlanInput, layout: RolloutLayout) -> RolloutVerdict:
     return verdict
 
 
-def plan(inp: PlanInput) -> Plan:
-    """Judge the configured layouts, estimate memory per phase and pick the least offload that fits."""
+def plan(inp: PlanInput, suggest: bool = True) -> Plan:
+    """Judge the configured layouts, estimate memory per phase and pick the least offload that fits.
+
+    `suggest`: when nothing fits, name the actor layouts that do (costs one plan per layout)."""
     actor = judge_train_layout(inp, inp.actor, ACTOR_KEY, "actor")
     ref = judge_train_layout(inp, inp.ref, REF_KEY, "ref") if inp.ref is not None else None
     rollout = judge_rollout(inp, inp.rollout)
@@ -531,7 +533,8 @@ def plan(inp: PlanInput) -> Plan:
         configured = configured_offload(inp.actor)
         configured_peak = next(p for p in phases if p.offload == configured)
         if configured_peak.peak > budget:
-            problems.append(_memory_problem(inp, configured_peak, chosen))
+            fitting_layouts = fitting_actor_layouts(inp) if suggest and chosen is None else []
+            problems.append(_memory_problem(inp, configured_peak, chosen, fitting_layouts, phases[-1]))
     return Plan(input=inp, actor=actor, ref=ref, rollout=rollout, phases=phases, chosen_offload=chosen,
                 problems=problems)
 
@@ -542,24 +545,41 @@ def configured_offload(layout: TrainLayout) -> str:
     return "optimizer" if layout.optimizer_offload else "none"
 
 
-def _memory_problem(inp: PlanInput, peak: PhasePeaks, chosen: str | None) -> Problem:
+def _memory_problem(inp: PlanInput, peak: PhasePeaks, chosen: str | None, fitting: list["LayoutVerdict"],
+                    most_offload: PhasePeaks) -> Problem:
     phase = max(("rollout", peak.rollout), ("actor log-prob", peak.actor_log_prob),
                 ("reference log-prob", peak.ref_log_prob), ("training", peak.train), key=lambda kv: kv[1])
-    reason = (f"estimated peak {peak.peak:.1f} GiB per GPU in the {phase[0]} phase exceeds "
-              f"{inp.cluster.gpu_memory_gib:g} GiB")
+    budget = inp.cluster.gpu_memory_gib
+    reason = f"estimated peak {peak.peak:.1f} GiB per GPU in the {phase[0]} phase exceeds {budget:g} GiB"
     if chosen == "optimizer":
-        fix = f"set {ACTOR_KEY}.megatron.optimizer_offload=true"
-    elif chosen == "param+grad+optimizer":
-        fix = (f"set {ACTOR_KEY}.megatron.param_offload=true (also releases the grad buffers) and "
-               f"{ACTOR_KEY}.megatron.optimizer_offload=true")
-    elif phase[0] == "rollout":
-        fix = f"lower {ROLLOUT_KEY}.gpu_memory_utilization or raise TP/PP (see the layout table)"
-    else:
-        fix = "raise TP x PP, lower ppo_micro_batch_size_per_gpu, or use more GPUs (see the layout table)"
-    return Problem("memory", reason, fix)
+        return Problem("memory", reason, f"set {ACTOR_KEY}.megatron.optimizer_offload=true")
+    if chosen == "param+grad+optimizer":
+        return Problem("memory", reason, f"set {ACTOR_KEY}.megatron.param_offload=true (also releases the grad "
+                                         f"buffers) and {ACTOR_KEY}.megatron.optimizer_offload=true")
+    if most_offload.train > budget:
+        reason += f"; the training phase alone needs {most_offload.train:.1f} GiB even with full offload"
+    return Problem("memory", reason, _layout_fix(inp, fitting, most_offload))
 
 
-def enumerate_train_layouts(inp: PlanInput, role: str = "actor", vpps: tuple[int, ...] = (1, 2)) -> list[LayoutVerdict]:
+def _layout_fix(inp: PlanInput, fitting: list["LayoutVerdict"], most_offload: PhasePeaks) -> str:
+    """Only what would fit: the actor layouts that do (with their offload), else more or bigger GPUs."""
+    rollout_hint = (f"; or lower {ROLLOUT_KEY}.gpu_memory_utilization"
+                    if most_offload.train <= inp.cluster.gpu_memory_gib else "")
+    if not fitting:
+        return (f"no actor TP x PP layout fits on {inp.cluster.world_size} GPU(s) of {inp.cluster.gpu_memory_gib:g} GiB: "
+                f"use more GPUs (trainer.nnodes) or GPUs with more memory{rollout_hint}")
+    names = ", ".join(f"{v.layout.label} ({v.offload_needed} offload)" for v in fitting[:3])
+    return f"use an actor layout that fits: {names} ({ACTOR_KEY}.megatron.*){rollout_hint}"
+
+
+def fitting_actor_layouts(inp: PlanInput) -> list["LayoutVerdict"]:
+    """Valid actor layouts for which some offload level fits, best first."""
+    return [v for v in enumerate_train_layouts(inp, "actor", suggest=False)
+            if v.valid and v.phases and v.offload_needed not in (None, "n/a")]
+
+
+def enumerate_train_layouts(inp: PlanInput, role: str = "actor", vpps: tuple[int, ...] = (1, 2),
+                            suggest: bool = False) -> list[LayoutVerdict]:
     """Every TP x PP (x VPP) candidate for a role with TP inside a node and TP x PP dividing the
     world size; each valid one is costed inside the whole run (configured rollout and other
     role), then ranked (see rank_key)."""
@@ -577,7 +597,7 @@ def enumerate_train_layouts(inp: PlanInput, role: str = "actor", vpps: tuple[int
                 verdict = judge_train_layout(inp, layout, key, role)
                 if verdict.valid:
                     trial = replace(inp, actor=layout) if role == "actor" else replace(inp, ref=layout)
-                    whole = plan(trial)
+                    whole = plan(trial, suggest=suggest)
                     verdict.phases = whole.phases
                     verdict.offload_needed = whole.chosen_offload if whole.phases else "n/a"
                 verdicts.append(verdict)
@@ -619,10 +639,13 @@ def _layout_from(node: Any, recompute: str) -> TrainLayout:
     )
 
 
-def plan_input_from_config(cfg: Any, model: ModelSpec | None = None, cluster: ClusterSpec | None = None) -> PlanInput:
-    """Build the planner's input from a composed grail/verl config."""
-    from verl.trainer.ppo.utils import need_reference_policy
+def needs_reference_policy(cfg: Any) -> bool:
+    """verl's `need_reference_policy` (KL in the reward or as a loss), without importing verl."""
+    return bool(cfg.algorithm.get("use_kl_in_reward", False) or cfg.actor_rollout_ref.actor.use_kl_loss)
 
+
+def plan_input_from_config(cfg: Any, model: ModelSpec | None = None, cluster: ClusterSpec | None = None) -> PlanInput:
+    """Build the planner's input from a composed grail/verl config (checked by config.rules first)."""
     arr = cfg.actor_rollout_ref
     model = model or ModelSpec.from_mapping(cfg.grail.model)
     cluster = cluster or ClusterSpec(nnodes=int(cfg.trainer.nnodes), gpus_per_node=int(cfg.trainer.n_gpus_per_node),
@@ -642,7 +665,7 @@ def plan_input_from_config(cfg: Any, model: ModelSpec | None = None, cluster: Cl
         use_dynamic_bsz=bool(arr.actor.use_dynamic_bsz),
         max_token_len_per_gpu=int(arr.actor.ppo_max_token_len_per_gpu),
     )
-    use_ref = bool(need_reference_policy(cfg))
+    use_ref = needs_reference_policy(cfg)
     return PlanInput(
         model=model,
         cluster=cluster,

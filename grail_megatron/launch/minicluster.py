@@ -41,6 +41,10 @@ class MiniClusterSpec:
     partition: str = "debug"
     cluster_name: str = "gmtest"
     start_timeout_s: float = 30.0
+    # Memory as a consumable resource (CR_Core_Memory) and a partition default (DefMemPerNode,
+    # MiB; 0 = none), as on sites that enforce memory: jobs without --mem get that much.
+    track_memory: bool = False
+    partition_default_mem_mb: int = 0
 
 
 def _binary(name: str) -> str:
@@ -126,7 +130,7 @@ def render_slurm_conf(spec: MiniClusterSpec, paths: _Paths, ctld_port: int, node
         "ProctrackType=proctrack/linuxproc",
         "TaskPlugin=task/none",
         "SelectType=select/cons_tres",
-        "SelectTypeParameters=CR_Core",
+        "SelectTypeParameters=CR_Core_Memory" if spec.track_memory else "SelectTypeParameters=CR_Core",
         "MpiDefault=none",
         "JobAcctGatherType=jobacct_gather/none",
         "AccountingStorageType=accounting_storage/none",
@@ -153,6 +157,7 @@ def render_slurm_conf(spec: MiniClusterSpec, paths: _Paths, ctld_port: int, node
     lines.append(
         f"PartitionName={spec.partition} Nodes={','.join(spec.nodes)} Default=YES "
         "MaxTime=INFINITE State=UP OverSubscribe=NO"
+        + (f" DefMemPerNode={spec.partition_default_mem_mb}" if spec.partition_default_mem_mb else "")
     )
     return "\n".join(lines) + "\n"
 

@@ -23,8 +23,12 @@ class SumsRun:
 
 
 def prepare_sums_run(workdir: str | Path, seed: int = 0, warm: WarmStartSettings = WarmStartSettings(steps=120),
-                     val_size: int = 32) -> SumsRun:
-    """Data, locally trained tokenizer, random-init tiny Qwen2 (DESIGN.md s.8 size), warm start."""
+                     val_size: int = 32, vocab_size: int | None = None) -> SumsRun:
+    """Data, locally trained tokenizer, random-init tiny Qwen2 (DESIGN.md s.8 size), warm start.
+
+    `vocab_size` rows (>= the tokenizer's) make the vocabulary divisible by TP, which verl's
+    engine needs (mbridge does not pad it); the local loop pads by itself.
+    """
     from grail_megatron.models.tiny import make_tiny_model, train_tokenizer
 
     workdir = Path(workdir)
@@ -32,7 +36,7 @@ def prepare_sums_run(workdir: str | Path, seed: int = 0, warm: WarmStartSettings
     train_tokenizer(sums.tokenizer_texts(), workdir / "tokenizer")
     model_dir = make_tiny_model(workdir / "model", arch="qwen2", tie_word_embeddings=True,
                                 tokenizer_dir=workdir / "tokenizer", hidden=128, intermediate=256,
-                                layers=2, heads=4, kv_heads=2, seed=seed)
+                                layers=2, heads=4, kv_heads=2, seed=seed, vocab_size=vocab_size)
     report = warm_start(model_dir, warm)
     return SumsRun(model_dir, files["train"], files["val"], report)
 

@@ -3,6 +3,8 @@
     sums data -> locally trained tokenizer -> random-init tiny Qwen2 -> supervised warm start
     -> GRPO at TP=2 (torchrun, gloo) with checkpoints -> learning check on the per-step rewards
     -> dist checkpoint -> HF export (`grail-megatron convert to-hf --verify`) -> reload + greedy eval
+    -> the production path: verl's own trainer (`grail-megatron train`, no --local) for 2 steps from
+       a `convert from-hf` dist checkpoint, checkpoint, `convert to-hf --verify`
 
 Exit code 0 only if every stage passed, including the learning signal (mean reward of the last
 5 steps >= the first 5 + 0.2).
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
           f"gain {gain:+.3f} (target >= {LEARNING_TARGET}): {'PASS' if ok else 'FAIL'}")
 
     t = _stage("dist checkpoint -> HF (grail-megatron convert to-hf --verify)")
-    from grail_megatron.checkpoint.cli import main as convert
+    from grail_megatron.cli.convert import main as convert
 
     hf_dir = work / "hf_export"
     code = convert(["to-hf", "--ckpt", str(work / "checkpoints"), "--out", str(hf_dir), "--verify", "--no-progress"])
@@ -99,8 +101,53 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir))
     accuracy = greedy_accuracy(model, tokenizer, [(a, b) for a in range(10) for b in range(10)])
     print(f"greedy accuracy: after warm start {run.warm_start['greedy_accuracy']:.2f}, after GRPO {accuracy:.2f}")
+
+    code = verl_path_stage(work / "verl_path", tp=args.tp, seed=args.seed)
+    if code != 0:
+        return code
     print(f"\nsmoke run {'PASSED' if ok else 'FAILED (learning signal)'} in {time.perf_counter() - start:.0f} s")
     return 0 if ok else 1
+
+
+VERL_STEPS = 2
+
+
+def _cli(*args: str, env: dict | None = None) -> int:
+    """A `grail-megatron` command in its own process, as a user runs it (Ray stays out of ours)."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "grail_megatron.cli", *args], env=env).returncode
+
+
+def verl_path_stage(work: Path, tp: int, seed: int) -> int:
+    """The production path on this machine: from-hf -> verl's own trainer (no --local) for a few
+    steps from that dist checkpoint -> checkpoint in verl's layout -> to-hf --verify."""
+    import os
+    import tempfile
+
+    from grail_megatron.local.recipes import prepare_sums_run, sums_overrides
+    from grail_megatron.local.warm_start import WarmStartSettings
+
+    t = _stage(f"verl path: convert from-hf, grail-megatron train (verl's trainer, Ray) {VERL_STEPS} steps, "
+               "to-hf --verify")
+    # verl's engine does not pad the vocabulary: 296 rows divide by TP (the tokenizer has 293)
+    run = prepare_sums_run(work, seed=seed, warm=WarmStartSettings(steps=20), vocab_size=296)
+    init = work / "mcore_init"
+    if code := _cli("convert", "from-hf", "--model", str(run.model_dir), "--out", str(init), "--tp", str(tp)):
+        return code
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TMPDIR=tempfile.mkdtemp(prefix="gm-ray-", dir="/tmp"))
+    overrides = sums_overrides(run, work / "checkpoints", steps=VERL_STEPS, tp=tp, save_freq=VERL_STEPS,
+                               test_freq=VERL_STEPS, seed=42 + seed)
+    overrides += ["actor_rollout_ref.actor.megatron.use_dist_checkpointing=true",
+                  f"actor_rollout_ref.actor.megatron.dist_checkpointing_path={init}/global_step_0/actor/model/dist_ckpt"]
+    env["TENSORBOARD_DIR"] = str(work / "tensorboard")
+    if code := _cli("train", *overrides, env=env):
+        print(f"verl path: train exit code {code}")
+        return code
+    ckpt = work / "checkpoints" / f"global_step_{VERL_STEPS}" / "actor"
+    code = _cli("convert", "to-hf", "--ckpt", str(ckpt), "--out", str(work / "hf_export"), "--verify", "--no-progress")
+    print(f"verl path: exit code {code} ({time.perf_counter() - t:.0f} s)")
+    return code
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ What this class adds on top of mbridge (each is small and needed on this stack):
   (so a later untied Qwen2 in the same process would export its lm_head under the wrong
   name) and does not handle tied Llama; the table is per instance here.
 - `rope_theta` is read from `rope_parameters` when transformers 5 no longer exposes it.
+- Saving HF weights works for a model that was not loaded from HF weights (verl initialising
+  from a Megatron dist checkpoint): mbridge's writer is created on demand.
 - The vocabulary is padded to a multiple of TP (times `vocab_multiple`); the padded rows are
   zero and masked out of the softmax by `logprobs.token_logprobs`.
 - Export de-duplicates tied weights (with PP>1 the first and last stage both hold them).
@@ -53,7 +55,12 @@ class BridgeConfig:
     extra: dict = field(default_factory=dict)  # any further TransformerConfig fields
 
 
+_ORIGINAL_MBRIDGE_CLASSES: dict[str, type] = {}
+_GRAIL_MBRIDGE_CLASSES: dict[str, type] = {}
+
+
 def _mbridge_class(model_type: str):
+    """mbridge's own class for `model_type` (as registered by mbridge, before our registration)."""
     import mbridge.models  # noqa: F401  (registers the model classes)
     from mbridge.core.bridge import _MODEL_REGISTRY
 
@@ -61,7 +68,7 @@ def _mbridge_class(model_type: str):
         raise ValueError(
             f"model_type {model_type!r} is not supported (supported: {list(SUPPORTED_MODEL_TYPES)})"
         )
-    return _MODEL_REGISTRY[model_type]
+    return _ORIGINAL_MBRIDGE_CLASSES.setdefault(model_type, _MODEL_REGISTRY[model_type])
 
 
 def _ensure_rope_theta(hf_config) -> None:
@@ -73,40 +80,90 @@ def _ensure_rope_theta(hf_config) -> None:
         hf_config.rope_theta = params["rope_theta"]
 
 
-def _make_mbridge(hf_config, cfg: BridgeConfig, use_te: bool):
-    """Instantiate mbridge's class for this architecture with our overrides."""
+def grail_mbridge_class(model_type: str) -> type:
+    """mbridge's class for `model_type` with the fixes this stack needs (module docstring).
+
+    One class per architecture, used by our `Bridge` and, through mbridge's own
+    `register_model` (see `register_with_mbridge`), by verl's Megatron engine
+    (`vanilla_mbridge=true`). `use_te=None` picks Transformer Engine's layer spec on a GPU (what
+    mbridge always does) and Megatron's local spec without one.
+    """
+    if model_type in _GRAIL_MBRIDGE_CLASSES:
+        return _GRAIL_MBRIDGE_CLASSES[model_type]
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-    base = _mbridge_class(hf_config.model_type)
-    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+    base = _mbridge_class(model_type)
 
-    class _Bridge(base):
+    class GrailMBridge(base):
+        use_te: bool | None = None
+
+        def __init__(self, hf_config, *args, **kwargs):
+            _ensure_rope_theta(hf_config)
+            super().__init__(hf_config, *args, **kwargs)
+
+        def _tied(self) -> bool:
+            return bool(getattr(self.hf_config, "tie_word_embeddings", False))
+
         def _adjust_mapping_for_shared_weights(self):
             # per instance (mbridge mutates the class attribute)
             self._DIRECT_MAPPING = dict(base._DIRECT_MAPPING)
             self._DIRECT_MAPPING["output_layer.weight"] = (
-                "model.embed_tokens.weight" if tied else "lm_head.weight"
+                "model.embed_tokens.weight" if self._tied() else "lm_head.weight"
             )
 
         def _get_hf_shared_weight_keys(self):
-            return ["model.embed_tokens.weight"] if tied else []
+            return ["model.embed_tokens.weight"] if self._tied() else []
 
         def _get_transformer_layer_spec(self, vp_stage=None):
             self.has_vp_stage = True
-            return get_gpt_decoder_block_spec(
-                self.config, use_transformer_engine=use_te, vp_stage=vp_stage
-            )
+            use_te = _te_usable() if self.use_te is None else self.use_te
+            return get_gpt_decoder_block_spec(self.config, use_transformer_engine=use_te, vp_stage=vp_stage)
+
+        def save_weights(self, models, weights_path, memory_efficient=False):
+            # mbridge creates its safetensors writer when it *loads* HF weights; a model that verl
+            # initialised from a Megatron dist checkpoint (use_dist_checkpointing=true, our GPU
+            # recipe) never did, and verl's HF save ('hf_model' in save_contents) raised
+            # AttributeError on None. A writer without an index writes one model.safetensors.
+            if self.safetensor_io is None:
+                from mbridge.core.safetensor_io import SafeTensorIO
+
+                self.safetensor_io = SafeTensorIO(str(weights_path))
+            return super().save_weights(models, weights_path, memory_efficient=memory_efficient)
 
         def _weight_name_mapping_mcore_to_hf(self, name):
+            # only the local spec has these modules; TE's spec fuses the norms into the linears
             for suffix, hf_name in _LOCAL_SPEC_NORMS.items():
                 if name.startswith("decoder.layers.") and name.endswith(suffix):
                     return [hf_name.format(n=name.split(".")[2])]
             return super()._weight_name_mapping_mcore_to_hf(name)
 
-    tp = _tp_size()
-    return _Bridge(
-        hf_config, dtype=cfg.dtype, make_vocab_size_divisible_by=cfg.vocab_multiple * tp
+    GrailMBridge.__name__ = GrailMBridge.__qualname__ = f"Grail{base.__name__}"
+    _GRAIL_MBRIDGE_CLASSES[model_type] = GrailMBridge
+    return GrailMBridge
+
+
+def _te_usable() -> bool:
+    """Transformer Engine's layer spec needs a GPU *and* TE (a bare GPU node may lack TE)."""
+    from megatron.core.models.gpt.gpt_layer_specs import HAVE_TE
+
+    return torch.cuda.is_available() and bool(HAVE_TE)
+
+
+def register_with_mbridge() -> None:
+    """Make `mbridge.AutoBridge` (which verl's engine calls) build our classes. Idempotent."""
+    from mbridge.core.bridge import register_model
+
+    for model_type in SUPPORTED_MODEL_TYPES:
+        register_model(model_type)(grail_mbridge_class(model_type))
+
+
+def _make_mbridge(hf_config, cfg: BridgeConfig, use_te: bool):
+    """Instantiate our mbridge class for this architecture."""
+    mb = grail_mbridge_class(hf_config.model_type)(
+        hf_config, dtype=cfg.dtype, make_vocab_size_divisible_by=cfg.vocab_multiple * _tp_size()
     )
+    mb.use_te = use_te
+    return mb
 
 
 def _tp_size() -> int:

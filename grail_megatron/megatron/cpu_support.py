@@ -15,6 +15,9 @@ adjustment and asserts the original error.
 | synchronize     | pipeline shape exchange calls `torch.cuda.synchronize()`: a no-op on CPU       |
 | clip_grad       | Megatron's optimizer asserts `grad.type() == 'torch.cuda.FloatTensor'` when    |
 |                 | clipping: replaced by the same maths without the CUDA type check              |
+| tensor_type     | Megatron's DistributedOptimizer and Float16 optimizer accept only parameters  |
+|                 | whose `type()` is `torch.cuda.{Float,Half,BFloat16}Tensor` (TypeError on CPU): |
+|                 | `Tensor.type()` without arguments answers the CUDA name for CPU tensors       |
 
 The TorchFunctionMode is per thread: wrap functions that run in other threads with
 `on_cpu_thread`.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -37,7 +41,7 @@ from torch.overrides import TorchFunctionMode
 
 _applied: set[str] = set()
 _suspended: set[str] = set()  # removed for the moment by `without`
-_mode: TorchFunctionMode | None = None
+_thread = threading.local()  # .mode: the CudaToCpuMode entered in this thread
 
 
 @dataclass(frozen=True)
@@ -87,16 +91,22 @@ def _revert_current_device() -> None:
     torch.cuda.current_device = _originals.pop("current_device")
 
 
+def _enter_mode_in_this_thread() -> None:
+    """Torch function modes are per thread: each thread that runs Megatron code needs its own."""
+    if getattr(_thread, "mode", None) is None:
+        _thread.mode = CudaToCpuMode()
+        _thread.mode.__enter__()  # stays active for the life of the thread
+
+
 def _patch_cuda_literals() -> None:
-    global _mode
-    _mode = CudaToCpuMode()
-    _mode.__enter__()  # stays active for the life of the process (this thread)
+    _enter_mode_in_this_thread()
 
 
 def _revert_cuda_literals() -> None:
-    global _mode
-    _mode.__exit__(None, None, None)
-    _mode = None
+    mode = getattr(_thread, "mode", None)
+    if mode is not None:
+        mode.__exit__(None, None, None)
+        _thread.mode = None
 
 
 def _noop_synchronize(device=None) -> None:
@@ -127,6 +137,26 @@ def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_
         grad.mul_(clip_coeff)
 
 
+def _cuda_type_name(self, dtype=None, non_blocking=False, **kwargs):
+    """`Tensor.type()` as a query answers the CUDA type name for CPU tensors (conversions unchanged)."""
+    original = _originals["tensor_type"]
+    if dtype is not None or kwargs:
+        return original(self, dtype, non_blocking, **kwargs)
+    name = original(self)
+    if self.device.type == "cpu" and name.startswith("torch.") and not name.startswith("torch.cuda."):
+        return "torch.cuda." + name[len("torch."):]
+    return name
+
+
+def _patch_tensor_type() -> None:
+    _originals["tensor_type"] = torch.Tensor.type
+    torch.Tensor.type = _cuda_type_name
+
+
+def _revert_tensor_type() -> None:
+    torch.Tensor.type = _originals.pop("tensor_type")
+
+
 def _patch_clip_grad() -> None:
     from megatron.core.optimizer import clip_grads, optimizer
 
@@ -152,6 +182,8 @@ ADJUSTMENTS: tuple[Adjustment, ...] = (
                _patch_synchronize, _revert_synchronize),
     Adjustment("clip_grad", "gradient clipping without the CUDA type assertion",
                _patch_clip_grad, _revert_clip_grad),
+    Adjustment("tensor_type", "Tensor.type() names CPU tensors with the CUDA type names Megatron's "
+               "mixed-precision and distributed optimizers accept", _patch_tensor_type, _revert_tensor_type),
 )
 _BY_NAME = {a.name: a for a in ADJUSTMENTS}
 NAMES = tuple(a.name for a in ADJUSTMENTS)
@@ -174,6 +206,8 @@ def enable_cpu_support(skip: Iterable[str] = ()) -> list[str]:
             continue
         adjustment.apply()
         _applied.add(adjustment.name)
+    if "cuda_literals" in _applied:
+        _enter_mode_in_this_thread()  # a later call from another thread covers that thread too
     return sorted(_applied)
 
 
@@ -215,3 +249,11 @@ def on_cpu_thread(fn: Callable) -> Callable:
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def enable_verl_cpu_support() -> list[str]:
+    """The adjustments verl's own Megatron engine needs in a CPU worker process (VERL_PLATFORM=cpu).
+
+    Same contract as `enable_cpu_support`: a no-op with a GPU, idempotent.
+    """
+    return enable_cpu_support()

@@ -35,6 +35,27 @@ class ScoreArgs:
     allow_format_only_mbpp: bool = False
 
 
+def _positive_seconds(text: str) -> float:
+    """argparse type of --mbpp-timeout: seconds > 0 (a bad value is bad input, exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    return value
+
+
+def _positive_workers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return value
+
+
 def _parse_args(argv: list[str]) -> ScoreArgs:
     parser = argparse.ArgumentParser(
         prog="grail-megatron score",
@@ -43,11 +64,11 @@ def _parse_args(argv: list[str]) -> ScoreArgs:
     parser.add_argument("input", type=Path,
                         help="JSONL: data_source, solution_str|completion, ground_truth, extra_info")
     parser.add_argument("--out", type=Path, help="write per-row results as JSONL (atomic)")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=_positive_workers, default=None,
                         help="parallel scorers / MBPP sandboxes (default: CPU count)")
     parser.add_argument("--math-verify", action="store_true",
                         help="use math-verify for MATH equivalence (departs from GRAIL parity)")
-    parser.add_argument("--mbpp-timeout", type=float, default=5.0,
+    parser.add_argument("--mbpp-timeout", type=_positive_seconds, default=5.0,
                         help="per-test MBPP timeout in seconds (default 5)")
     parser.add_argument("--allow-format-only-mbpp", action="store_true",
                         help="if no MBPP sandbox can start here, score MBPP rows by their format "

@@ -27,14 +27,29 @@ def setup_worker_process() -> None:
     """
     import logging
 
+    from grail_megatron.quiet import quiet_third_party
+
+    quiet_third_party(summary=False)  # the expected TE/Apex/verl notices, in every Ray worker
     try:
         register()
     except Exception:  # noqa: BLE001 - see docstring
         logging.getLogger(__name__).exception("could not register verl trainer mode %r", TRAINER_MODE)
 
 
+def export_runtime_env(cfg) -> None:
+    """The Ray workers' environment variables (`ray_kwargs.ray_init.runtime_env.env_vars`) in
+    this process too, before verl is imported: the driver then loads the same plugins
+    (VERL_USE_EXTERNAL_MODULES) and platform (VERL_PLATFORM) as every worker."""
+    import os
+
+    env_vars = cfg.ray_kwargs.ray_init.get("runtime_env", {}).get("env_vars", {}) or {}
+    for name, value in env_vars.items():
+        os.environ[str(name)] = str(value)
+
+
 def run_verl(cfg) -> None:
     """Run verl's PPO entry (`run_ppo` with verl's own TaskRunnerV1) on a validated config."""
+    export_runtime_env(cfg)
     from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
 
     register()

@@ -33,19 +33,36 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
 from grail_megatron.eval.verl_hook import GrailValidationMetrics
+from grail_megatron.workers.cpu_worker import megatron_methods_in_cpu_threads
 from grail_megatron.workers.preemption import CheckpointOnPreemption
 
 TRAINER_MODE = "grail_megatron"
+SYNC_MODE = "sync"  # verl's name for the synchronous trainer semantics
 GLOBAL_POOL = "global_pool"
 REF_POOL = "ref_pool"
 REF_PLACEMENTS = ("colocated", "dedicated")
 
 
+def _prepare_engine_process(worker: ActorRolloutRefWorker) -> None:
+    """In a process that builds verl's Megatron engine: mbridge/megatron-core compatibility (every
+    device), and on the CPU platform the engines in `CpuTrainingWorker` (verl's own
+    `actor_worker_cls`/`ref_worker_cls` extension point); on GPUs verl's TrainingWorker as is."""
+    from grail_megatron.megatron import mbridge_compat
+    from grail_megatron.workers.plugins import on_cpu_platform
+
+    mbridge_compat.apply()
+    if on_cpu_platform():
+        from grail_megatron.workers.cpu_worker import CpuTrainingWorker
+
+        worker.actor_worker_cls = worker.ref_worker_cls = CpuTrainingWorker
+
+
+@megatron_methods_in_cpu_threads
 class GrailActorRolloutWorker(ActorRolloutRefWorker):
     """verl's hybrid worker as actor + rollout.
 
     verl's trainer creates a separate reference worker only when the actor role is the bare
-    `Role.Actor` (whose role string is "actor"); this worker then still builds the colocated vLLM
+    `Role.Actor` (whose role string is "actor"); this worker then still builds the colocated
     rollout, exactly as for "actor_rollout". Every other role string passes through unchanged.
     """
 
@@ -53,6 +70,16 @@ class GrailActorRolloutWorker(ActorRolloutRefWorker):
         if role == str(Role.Actor):
             role = str(Role.ActorRollout)
         super().__init__(config, role, distillation_config=distillation_config, **kwargs)
+        _prepare_engine_process(self)
+
+
+@megatron_methods_in_cpu_threads
+class GrailRefWorker(ActorRolloutRefWorker):
+    """verl's worker in the "ref" role, in its own worker group (its own TP/PP)."""
+
+    def __init__(self, config: Any, role: str, distillation_config: Any = None, **kwargs: Any):
+        super().__init__(config, role, distillation_config=distillation_config, **kwargs)
+        _prepare_engine_process(self)
 
 
 @dataclass
@@ -90,10 +117,47 @@ def _ref_in_actor(config: Any) -> bool:
     return lora_rank > 0 or model.get("lora_adapter_path") is not None
 
 
-class GrailMegatronTrainer(CheckpointOnPreemption, GrailValidationMetrics, PPOTrainerSync):
+class ReferenceDriftMetrics:
+    """Log how far the reference's log-probs are from the actor's old log-probs on the same tokens.
+
+    `grail/ref_vs_actor_log_prob/abs_max` and `abs_mean`, over response tokens, after verl's
+    `_compute_ref_log_prob`. At step 1 both models hold the same weights, so the value is the
+    numerical difference between the two layouts (the reference runs in its own worker group,
+    at its own TP/PP); later it is the policy's drift that the KL loss penalises.
+    """
+
+    def _compute_ref_log_prob(self, batch, metrics: dict):
+        import transfer_queue as tq
+
+        batch = super()._compute_ref_log_prob(batch, metrics=metrics)
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
+                               select_fields=["old_log_probs", "ref_log_prob", "response_mask"]).to_padded_tensor()
+        mask = data["response_mask"].bool()
+        diff = (data["ref_log_prob"].float() - data["old_log_probs"].float()).abs()[mask]
+        if diff.numel():
+            metrics["grail/ref_vs_actor_log_prob/abs_max"] = float(diff.max())
+            metrics["grail/ref_vs_actor_log_prob/abs_mean"] = float(diff.mean())
+        return batch
+
+
+class GrailMegatronTrainer(CheckpointOnPreemption, GrailValidationMetrics, ReferenceDriftMetrics, PPOTrainerSync):
     """verl's synchronous PPO trainer with the grail_megatron role mapping (module docstring),
     GRAIL's pass@k metrics at verl's validation points (`GrailValidationMetrics`) and a
     checkpoint-and-stop on a preemption request (`CheckpointOnPreemption`)."""
+
+    # verl's trainer base reads `self.trainer_mode` (set from trainer.v1.trainer_mode) and compares
+    # it with the literal "sync" to choose the replay buffer, the generation batch size and
+    # whether TransferQueue state is saved. Registered under another name, the sync trainer would
+    # run the async replay buffer with gen_batch_size=1. This mode *is* verl's sync mode with
+    # another role mapping, so it reports "sync" (and reads `trainer.v1.sync.*` like verl's own).
+    @property
+    def trainer_mode(self) -> str:
+        return SYNC_MODE
+
+    @trainer_mode.setter
+    def trainer_mode(self, configured: str) -> None:
+        if configured != TRAINER_MODE:
+            raise ValueError(f"trainer.v1.trainer_mode={configured!r} selects another trainer than {TRAINER_MODE!r}")
 
     def _init_resource_pool_mgr(self) -> None:
         super()._init_resource_pool_mgr()
@@ -109,7 +173,7 @@ class GrailMegatronTrainer(CheckpointOnPreemption, GrailValidationMetrics, PPOTr
         spec = dict(self.resource_pool_manager.resource_pool_spec)
         colocated: dict[str, str] = {}
         if separate_ref:
-            self.role_worker_mapping[Role.RefPolicy] = ray.remote(ActorRolloutRefWorker)
+            self.role_worker_mapping[Role.RefPolicy] = ray.remote(GrailRefWorker)
             self.mapping[Role.RefPolicy] = REF_POOL
             if ref_placement(config) == "dedicated":
                 pool = config.grail.ref_pool

@@ -87,3 +87,53 @@ gm_wait_gone() {
   done
   return 0
 }
+
+# Memory of this job on each node in MiB, from SLURM's allocation (empty when SLURM does not
+# track memory: SelectTypeParameters without _Memory and no --mem).
+gm_allocated_mb() {
+  if [ -n "${SLURM_MEM_PER_NODE:-}" ] && [ "${SLURM_MEM_PER_NODE}" -gt 0 ] 2>/dev/null; then
+    echo "$SLURM_MEM_PER_NODE"
+  elif [ -n "${SLURM_MEM_PER_CPU:-}" ] && [ "${SLURM_MEM_PER_CPU}" -gt 0 ] 2>/dev/null; then
+    echo $((SLURM_MEM_PER_CPU * ${SLURM_CPUS_ON_NODE:-1}))
+  else
+    gm_tres_mem_mb_per_node   # --mem=0 (the whole node): SLURM sets no variable, its TRES has the amount
+  fi
+}
+
+# The job's allocated memory from `scontrol show job` (TRES=...,mem=4G,node=2,...), per node, MiB.
+gm_tres_mem_mb_per_node() {
+  local tres mem nodes value unit
+  tres=$(scontrol show job -o "${SLURM_JOB_ID:?}" 2>/dev/null | grep -o ' TRES=[^ ]*' | head -n1)
+  mem=$(grep -o 'mem=[0-9.]*[KMGT]\?' <<<"$tres" | head -n1); mem=${mem#mem=}
+  nodes=$(grep -o 'node=[0-9]*' <<<"$tres" | head -n1); nodes=${nodes#node=}
+  [ -n "$mem" ] && [ -n "$nodes" ] && [ "$nodes" -gt 0 ] || return 0
+  value=${mem%[KMGT]}; unit=${mem#"$value"}
+  awk -v v="$value" -v u="${unit:-M}" -v n="$nodes" 'BEGIN {
+    f = (u == "K") ? 1 / 1024 : (u == "G") ? 1024 : (u == "T") ? 1048576 : 1
+    mb = int(v * f / n); if (mb > 0) print mb }'
+}
+
+# Ray must not advertise more memory than SLURM gave the job (a site that enforces the limit
+# kills the job otherwise): object store 30 % and task memory 60 % of the allocation, unless
+# GM_RAY_OBJECT_STORE_BYTES / GM_RAY_MEMORY_BYTES are set.
+gm_ray_memory_from_allocation() {
+  local mb; mb=$(gm_allocated_mb)
+  if [ -z "$mb" ]; then
+    gm_log "Ray memory: SLURM allocates no memory limit here; Ray sizes itself from the host"
+    return 0
+  fi
+  local bytes=$((mb * 1024 * 1024))
+  export GM_RAY_OBJECT_STORE_BYTES=${GM_RAY_OBJECT_STORE_BYTES:-$((bytes * 3 / 10))}
+  export GM_RAY_MEMORY_BYTES=${GM_RAY_MEMORY_BYTES:-$((bytes * 6 / 10))}
+  gm_log "Ray memory follows the allocation of ${mb} MiB per node: object store ${GM_RAY_OBJECT_STORE_BYTES} B, task memory ${GM_RAY_MEMORY_BYTES} B"
+}
+
+# True when SLURM itself is requeueing this job (an external `scontrol requeue`, preemption
+# with PreemptMode=REQUEUE): SLURM counts the restart as soon as it requeues, while this run
+# (SLURM_RESTART_COUNT) is still ending.
+gm_requeued_by_slurm() {
+  local restarts
+  restarts=$(scontrol show job -o "${SLURM_JOB_ID:?}" 2>/dev/null | grep -o 'Restarts=[0-9]*' | head -n1)
+  restarts=${restarts#Restarts=}
+  [ -n "$restarts" ] && [ "$restarts" -gt "${SLURM_RESTART_COUNT:-0}" ]
+}

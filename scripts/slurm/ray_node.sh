@@ -19,6 +19,11 @@ tmp="${GM_JOB_DIR:?}/ray/${node}"
 mkdir -p "$tmp"
 # A SIGTERM'd Ray node would otherwise wait up to 30 s to "drain" before stopping.
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
+# The third-party warnings expected on this node (TE/Apex fallbacks without GPUs, deprecations
+# we cannot act on) stay out of every Ray worker's output (grail_megatron/quiet.py).
+if filters=$( (gm_container_exec "${GM_PYTHON:-python3}" -m grail_megatron.quiet) 2>/dev/null) && [ -n "$filters" ]; then
+  export PYTHONWARNINGS=$filters
+fi
 
 args=(
   --block --disable-usage-stats

@@ -13,7 +13,8 @@ resources
   -N, --nodes N             nodes (default 1)
   -g, --gpus-per-node G     GPUs per node (default 8; 0 for CPU nodes)
   -c, --cpus-per-node C     CPUs per node (default: the whole node, --exclusive)
-      --mem MEM             memory per node (sbatch --mem; default: the whole node if exclusive)
+      --mem MEM             memory per node (sbatch --mem; default: the whole node (--mem=0) if exclusive,
+                            else the partition's default); Ray's memory follows the allocation
   -p, --partition P         partition
   -A, --account A           account
   -q, --qos Q               QOS
@@ -35,15 +36,19 @@ launcher
       --ray-wait S          seconds to wait for all Ray nodes (default 300)
       --no-ray              do not start Ray (the local loop does not need it)
       --sbatch-arg ARG      extra sbatch argument, repeatable (e.g. --sbatch-arg=--constraint=h100)
-      --dry-run             print the sbatch command instead of submitting
+      --no-check            do not run the trainer's checks here before submitting
+      --dry-run             check, then print the sbatch command instead of submitting
   -h, --help
 Hydra overrides after the options go to the trainer, e.g. data.train_batch_size=256.
+Before sbatch (and with --dry-run) the overrides go through "grail-megatron train --check"
+on this node: a misspelled preset or key, a bad value or a missing data file stops here.
+Exit status: 0 submitted (or dry run ok), 1 a check failed, 2 bad input, 3 broken environment.
 EOF
 }
 
 nodes=1 gpus=8 cpus="" mem="" partition="" account="" qos="" time_limit="" name=grail-megatron
 trainer=verl command="" container=none image="" mounts="" python="" log_dir=logs/slurm
-signal_secs=300 max_requeues=10 ifname="" ray_wait=300 ray=1 dry_run=0 extra=()
+signal_secs=300 max_requeues=10 ifname="" ray_wait=300 ray=1 dry_run=0 check=1 extra=()
 
 need() { [ $# -ge 2 ] && [ -n "$2" ] || { echo "submit.sh: $1 needs a value" >&2; exit 2; }; }
 while [ $# -gt 0 ]; do
@@ -73,6 +78,7 @@ while [ $# -gt 0 ]; do
     --no-ray) ray=0; shift ;;
     --sbatch-arg) need "$@"; extra+=("$2"); shift 2 ;;
     --dry-run) dry_run=1; shift ;;
+    --no-check) check=0; shift ;;
     -h | --help) usage; exit 0 ;;
     --) shift; break ;;
     -*) echo "submit.sh: unknown option $opt (see --help)" >&2; exit 2 ;;
@@ -94,15 +100,16 @@ case "$container" in
   *) fail "--container must be none, pyxis or apptainer (got '$container')" ;;
 esac
 
-mkdir -p "$log_dir"
-log_dir=$(cd "$log_dir" && pwd)
+log_dir=$(realpath -m "$log_dir")   # created only for a real submission
 sbatch_args=(
   --parsable --job-name="$name" --nodes="$nodes" --ntasks-per-node=1
   --output="$log_dir/%x-%j.log" --open-mode=append --requeue --signal="B:USR1@${signal_secs}"
 )
 [ "$gpus" -gt 0 ] && sbatch_args+=(--gpus-per-node="$gpus")
 if [ -n "$cpus" ]; then sbatch_args+=(--cpus-per-task="$cpus"); else sbatch_args+=(--exclusive); fi
-[ -n "$mem" ] && sbatch_args+=(--mem="$mem")
+# --exclusive alone gets the partition's default memory (DefMemPerNode), not the node's:
+# ask for the whole node's memory (--mem=0) unless the user chose an amount.
+if [ -n "$mem" ]; then sbatch_args+=(--mem="$mem"); elif [ -z "$cpus" ]; then sbatch_args+=(--mem=0); fi
 [ -n "$partition" ] && sbatch_args+=(--partition="$partition")
 [ -n "$account" ] && sbatch_args+=(--account="$account")
 [ -n "$qos" ] && sbatch_args+=(--qos="$qos")
@@ -119,11 +126,33 @@ export GM_RAY=$ray GM_RAY_WAIT_S=$ray_wait GM_SIGNAL_SECS=$signal_secs
 [ -n "$ifname" ] && export GM_SOCKET_IFNAME=$ifname
 [ -n "$cpus" ] && export GM_CPUS_PER_NODE=$cpus
 
+# The trainer's own checks, here on the login node, before anything is queued.
+check_payload() {
+  [ "$check" = 1 ] || return 0
+  [ "$trainer" != command ] || return 0
+  local py=${python:-}
+  if [ -z "$py" ]; then
+    if [ -x "$repo/.venv/bin/python" ]; then py=$repo/.venv/bin/python; else py=python3; fi
+  fi
+  if ! "$py" -c 'import grail_megatron' 2>/dev/null; then
+    [ "$container" != none ] || { echo "submit.sh: $py cannot import grail_megatron (use --python PATH, or --no-check)" >&2; exit 3; }
+    echo "submit.sh: not checking the overrides here ($py lacks grail_megatron; --python PATH checks them)" >&2
+    return 0
+  fi
+  local args=(--check)
+  if [ "$trainer" = local ]; then args+=(--local); else args+=("trainer.nnodes=$nodes" "trainer.n_gpus_per_node=$gpus"); fi
+  local rc=0
+  "$py" -m grail_megatron.cli train "${args[@]}" "$@" >/dev/null || rc=$?
+  [ "$rc" = 0 ] || { echo "submit.sh: not submitted: the trainer's checks failed (exit $rc, reasons above)" >&2; exit "$rc"; }
+}
+check_payload "$@"
+
 if [ "$dry_run" = 1 ]; then
   printf 'GM_%s\n' "TRAINER=$trainer" "CONTAINER=$container" "IMAGE=$image" "GPUS_PER_NODE=$gpus" "RAY=$ray"
   printf '%q ' sbatch "${sbatch_args[@]}" "$here/train.sbatch" "$@"; echo
   exit 0
 fi
+mkdir -p "$log_dir"
 out=$(sbatch "${sbatch_args[@]}" "$here/train.sbatch" "$@")
 job=${out%%;*}
 echo "submitted job $job"

@@ -12,7 +12,7 @@ from ckpt_testlib import free_port, run_ranks, tiny_hf_model
 
 
 def _cli_session(hf, root, out):
-    from grail_megatron.checkpoint.cli import main
+    from grail_megatron.cli.convert import main
 
     def run(*argv):
         stdout, stderr = io.StringIO(), io.StringIO()
@@ -42,6 +42,7 @@ def test_cli_from_hf_then_to_hf_with_verify(tmp_path):
     assert "max abs logit difference" in stdout and ": OK" in stdout
     assert "wrote " in stdout and "source layout {'tp': 1, 'pp': 1, 'dp': 1, 'vpp': 1}" in stdout
     assert (tmp_path / "out" / "config.json").is_file()
-    assert r["to_hf_again"][0] == 1 and "exists and is not empty (pass --overwrite" in r["to_hf_again"][2]
-    assert r["from_hf_again"][0] == 1 and "global_step_0 exists (pass --overwrite" in r["from_hf_again"][2]
-    assert r["missing"][0] == 1 and "global_step_9: does not exist" in r["missing"][2]
+    # bad input (exit 2): an output that exists, a checkpoint that does not
+    assert r["to_hf_again"][0] == 2 and "exists and is not empty (pass --overwrite" in r["to_hf_again"][2]
+    assert r["from_hf_again"][0] == 2 and "global_step_0 exists (pass --overwrite" in r["from_hf_again"][2]
+    assert r["missing"][0] == 2 and "global_step_9: does not exist" in r["missing"][2]

@@ -31,7 +31,7 @@ def _assert_equal_tensors(loaded: dict, expected: dict, before: dict) -> None:
 
 
 def test_recipe_default_path_is_where_from_hf_writes(tmp_path):
-    from grail_megatron.checkpoint.cli import verl_init_hint
+    from grail_megatron.cli.convert import verl_init_hint
     from grail_megatron.config import compose
 
     cfg = compose([f"grail.mcore_init_root={tmp_path}", "model_preset=qwen2.5-7b-instruct"])
@@ -83,7 +83,7 @@ def test_verl_loader_reads_tp2_from_hf_output_at_tp2_and_pp2(tmp_path):
 
 
 def test_from_hf_warns_when_verl_could_not_load_the_padded_vocabulary(tmp_path, capsys):
-    from grail_megatron.checkpoint.cli import _warn_if_verl_cannot_build
+    from grail_megatron.cli.convert import _warn_if_verl_cannot_build
 
     (tmp_path / "config.json").write_text('{"vocab_size": 325}')
     _warn_if_verl_cannot_build(tmp_path, 1)

@@ -142,9 +142,23 @@ def test_adding_a_key_on_purpose_works():
     assert compose(["+trainer.my_tag=abc"]).trainer.my_tag == "abc"
 
 
-def test_train_rejects_a_non_dividing_layout_before_launching(capsys):
-    from grail_megatron.config import train_cli
+def _run_files(tmp_path, monkeypatch):
+    """The files a launch reads: parquet files under GRAIL_DATA_ROOT and a tiny model folder."""
+    for dataset in ("math", "gsm8k"):
+        (tmp_path / "data" / dataset).mkdir(parents=True)
+        for split in ("train", "val"):
+            (tmp_path / "data" / dataset / f"{split}.parquet").write_bytes(b"")
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "config.json").write_text("{}")
+    monkeypatch.setenv("GRAIL_DATA_ROOT", str(tmp_path / "data"))
+    monkeypatch.setenv("GRAIL_TINY_MODEL_DIR", str(tmp_path / "tiny"))
+    monkeypatch.setenv("GRAIL_MODEL_PATH", str(tmp_path / "tiny"))
 
+
+def test_train_rejects_a_non_dividing_layout_before_launching(capsys, tmp_path, monkeypatch):
+    from grail_megatron.cli import train as train_cli
+
+    _run_files(tmp_path, monkeypatch)
     code = train_cli.main(["actor_rollout_ref.actor.megatron.pipeline_model_parallel_size=3"])
     err = capsys.readouterr().err
     assert code == 1
@@ -154,39 +168,43 @@ def test_train_rejects_a_non_dividing_layout_before_launching(capsys):
 
 
 def test_train_rejects_bad_keys_with_exit_code_2(capsys):
-    from grail_megatron.config import train_cli
+    from grail_megatron.cli import train as train_cli
 
     assert train_cli.main(["--dry-run", "dataset=gsm9k"]) == 2
     assert "allowed values for dataset: gsm8k, math, mbpp" in capsys.readouterr().err
 
 
 def test_train_dry_run_prints_config_and_plan(capsys):
-    from grail_megatron.config import train_cli
+    from grail_megatron.cli import train as train_cli
 
     assert train_cli.main(["--dry-run", "--kl", "model_preset=qwen2.5-14b-instruct", "dataset=gsm8k"]) == 0
     out = capsys.readouterr().out
-    assert "adv_estimator: grpo" in out and "kl_loss_type: low_var_kl" in out
+    assert "algorithm.adv_estimator: 'gae' -> 'grpo'" in out
+    assert "actor_rollout_ref.actor.use_kl_loss: False -> True" in out
+    assert "# resolved config" not in out  # the whole config only with --print-config
     assert "reference       TP4 PP2 (own processes)" in out
     assert "least offload that fits: optimizer" in out
     assert "verl validate_config: passed" in out and out.rstrip().endswith("DRY RUN: nothing launched.")
 
 
-def test_real_launch_without_gpu_or_init_checkpoint_stops_with_a_fix(capsys, tmp_path):
-    from grail_megatron.config import train_cli
+def test_real_launch_without_gpu_or_init_checkpoint_stops_with_a_fix(capsys, tmp_path, monkeypatch):
+    from grail_megatron.cli import train as train_cli
 
+    _run_files(tmp_path, monkeypatch)
     code = train_cli.main([f"grail.mcore_init_root={tmp_path}/missing"])
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 2  # a file the run must read is missing: bad input
     assert f"dist_checkpointing_path={tmp_path}/missing/qwen2.5-7b-instruct/global_step_0/actor/model/dist_ckpt does not exist" in err
     code = train_cli.main(["actor_rollout_ref.actor.megatron.use_dist_checkpointing=false"])
-    assert code == 1
+    assert code == 3  # broken environment: no GPU
     assert "no CUDA GPU is visible" in capsys.readouterr().err
 
 
-def test_local_mode_hands_the_composed_config_to_the_local_loop(monkeypatch):
+def test_local_mode_hands_the_composed_config_to_the_local_loop(monkeypatch, tmp_path):
     import grail_megatron.local as local
-    from grail_megatron.config import train_cli
+    from grail_megatron.cli import train as train_cli
 
+    _run_files(tmp_path, monkeypatch)
     seen = {}
 
     def fake_entry(overrides, config_name, cfg):

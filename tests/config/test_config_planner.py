@@ -168,7 +168,7 @@ def test_model_from_an_hf_config_file(tmp_path):
 
 
 def test_plan_cli(capsys, tmp_path):
-    from grail_megatron.config import plan_cli
+    from grail_megatron.cli import plan as plan_cli
 
     assert plan_cli.main(["--kl"]) == 0
     out = capsys.readouterr().out

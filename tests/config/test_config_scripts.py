@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from grail_megatron.config.env_launch import EnvError, batch_overrides, overrides_from_env
+from grail_megatron.cli.env_launch import EnvError, batch_overrides, overrides_from_env
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 REPO = Path(__file__).resolve().parents[2]
@@ -67,8 +67,8 @@ def test_script_dry_run_succeeds(script, preset, layout):
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
     assert f"model_preset={preset}" in out.splitlines()[0]
-    assert "total_training_steps: 50" in out and "lr: 2.0e-06" in out
-    assert "- wandb" in out and "- tensorboard" in out
+    assert "trainer.total_training_steps: None -> 50" in out and "actor_rollout_ref.actor.optim.lr: 1e-06 -> 2e-06" in out
+    assert "trainer.logger: ['console', 'wandb'] -> ['console', 'tensorboard', 'wandb']" in out
     assert f"actor           {layout}" in out
     assert "RESULT: the configured run passes every check." in out and "DRY RUN: nothing launched." in out
 

@@ -52,3 +52,49 @@ def patched_source(megatron_source, tmp_path_factory) -> Path:
         done = git_apply(tree, patch)
         assert done.returncode == 0, f"{patch.name} does not apply:\n{done.stderr}"
     return tree
+
+
+@pytest.fixture(scope="session")
+def small_wheelhouse(tmp_path_factory) -> Path:
+    """OUT of `scripts/make_wheelhouse.sh OUT --requirements ... --part-mb 0.1` (real downloads)."""
+    import importlib.metadata
+    import os
+    import subprocess
+    import sys
+
+    from container_helpers import PART_MB, ROOT, SMALL_SET
+
+    work = tmp_path_factory.mktemp("wheelhouse")
+    requirements = work / "small.txt"
+    requirements.write_text("".join(f"{n}=={importlib.metadata.version(n)}\n" for n in SMALL_SET))
+    out = work / "out"
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "make_wheelhouse.sh"), str(out), "--requirements", str(requirements),
+         "--no-build-isolation", "--part-mb", str(PART_MB)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHON312": sys.executable})
+    assert done.returncode == 0, done.stdout + done.stderr
+    (out / "build.log").write_text(done.stdout)
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def default_wheelhouse_plan(tmp_path_factory):
+    """`scripts/make_wheelhouse.sh OUT --dry-run` of the default set (grail-megatron's dependencies
+    under the version matrix): pip resolves ~155 packages from their metadata, ~20-40 s mostly
+    spent waiting on the index, so it starts with the first container test and overlaps with
+    the others. test_container_wheelhouse.py reads the plan."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from container_helpers import ROOT
+
+    out = tmp_path_factory.mktemp("default-plan")
+    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "make_wheelhouse.sh"), str(out), "--dry-run"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHON312": sys.executable}, start_new_session=True)
+    yield out, proc
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()

@@ -10,6 +10,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PATCH_DIR = ROOT / "patches"
 DOCKERFILE = ROOT / "docker" / "megatron.Dockerfile"
+# The small real wheelhouse of the wheelhouse and bare self-test checks (conftest.small_wheelhouse):
+# two pure-python wheels and one sdist-only package (built into a wheel), at the versions this
+# venv already has, so a prefix that holds them behaves exactly like this venv.
+SMALL_SET = ("six", "idna", "antlr4-python3-runtime")
+PART_MB = 0.1  # 100,000 bytes: the antlr4 wheel (~145 kB) must be cut into pieces
 
 
 def series() -> list[Path]:

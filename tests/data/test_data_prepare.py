@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from grail_megatron.data import DataError, prepare_dataset
-from grail_megatron.data.cli import main as cli_main
+from grail_megatron.cli.prepare_data import main as cli_main
 from grail_megatron.data.sources import FIXTURES_DIR
 from grail_megatron.prompts import DATA_SOURCES, SYSTEM_PROMPT
 
@@ -128,7 +128,7 @@ def test_cli_rejects_inconsistent_options_and_reports_data_errors(tmp_path, caps
         cli_main(["--dataset", "gsm8k", "--out", str(tmp_path), "--source", "fixtures", "--tokenizer", "x"])
     assert exit_info.value.code == 2
     assert "--max-prompt-length" in capsys.readouterr().err
-    assert cli_main(["--dataset", "gsm8k", "--out", str(tmp_path / "o"), "--source", str(tmp_path / "nowhere")]) == 1
+    assert cli_main(["--dataset", "gsm8k", "--out", str(tmp_path / "o"), "--source", str(tmp_path / "nowhere")]) == 2
     assert "nowhere: source folder does not exist" in capsys.readouterr().err
 
 

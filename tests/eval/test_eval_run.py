@@ -10,7 +10,7 @@ import pytest
 
 from grail_megatron.data import prepare_dataset
 from grail_megatron.eval import evaluate
-from grail_megatron.eval.cli import main as eval_main
+from grail_megatron.cli.eval import main as eval_main
 from grail_megatron.eval.runner import EvalError, EvalJob, run
 from grail_megatron.prompts import REASONING_END, REASONING_START, SOLUTION_END, SOLUTION_START, SYSTEM_PROMPT
 from grail_megatron.rewards import compute_score
@@ -200,7 +200,7 @@ def test_sampling_settings_from_a_verl_config():
 
 
 def test_wandb_offline_run_receives_the_metrics(tmp_path, monkeypatch):
-    from grail_megatron.eval.cli import log_to_wandb
+    from grail_megatron.cli.eval import log_to_wandb
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))

@@ -32,7 +32,10 @@ def session_dir():
 
 @pytest.fixture(scope="session")
 def slurm_cluster(session_dir):
-    cluster = MiniCluster(MiniClusterSpec(root=session_dir / "cluster", nodes=("n1", "n2"), cpus_per_node=2))
+    # Like a site that enforces memory: memory is a consumable resource and the partition has a
+    # default (a job without --mem gets 1000 MiB of the node's 4096).
+    cluster = MiniCluster(MiniClusterSpec(root=session_dir / "cluster", nodes=("n1", "n2"), cpus_per_node=2,
+                                          track_memory=True, partition_default_mem_mb=1000))
     cluster.start()
     try:
         yield cluster

@@ -16,7 +16,7 @@ def run_submit(*args: str, tmp_path) -> subprocess.CompletedProcess:
 
 
 def dry_run_sbatch_args(*args: str, tmp_path) -> list[str]:
-    res = run_submit("--dry-run", *args, tmp_path=tmp_path)
+    res = run_submit("--dry-run", "--no-check", *args, tmp_path=tmp_path)
     assert res.returncode == 0, res.stderr
     line = next(l for l in res.stdout.splitlines() if l.startswith("sbatch "))
     return shlex.split(line)
@@ -36,7 +36,7 @@ def test_gpu_job_defaults(tmp_path):
 
 
 def test_cpu_local_job_and_container_settings(tmp_path):
-    res = run_submit("--dry-run", "-g", "0", "-c", "4", "--trainer", "local", "--container", "apptainer",
+    res = run_submit("--dry-run", "--no-check", "-g", "0", "-c", "4", "--trainer", "local", "--container", "apptainer",
                      "--image", "/img/gm.sif", "--signal-secs", "90", tmp_path=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "GM_TRAINER=local" in res.stdout and "GM_CONTAINER=apptainer" in res.stdout
@@ -103,3 +103,55 @@ def test_default_route_interface_from_proc_net_route():
     )
     assert default_route_interface(table) == "eno1"
     assert default_route_interface(table.splitlines()[0] + "\n" + table.splitlines()[1]) is None
+
+
+# ---------------------------------------------------------------- checks before sbatch
+def _assert_refused(res: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+    assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr and "sbatch " not in res.stdout
+    for needle in needles:
+        assert needle in res.stderr, (needle, res.stderr)
+
+
+def test_dry_run_refuses_a_misspelled_preset_before_sbatch(tmp_path):
+    res = run_submit("--dry-run", "--", "model_preset=qwen2.5-7b-instruc", tmp_path=tmp_path)
+    _assert_refused(res, 2, "model_preset='qwen2.5-7b-instruc'", "did you mean 'qwen2.5-7b-instruct'",
+                    "not submitted")
+
+
+def test_dry_run_refuses_a_misspelled_key_and_a_bad_value(tmp_path):
+    res = run_submit("--dry-run", "--", "actor_rollout_ref.actor.clip_ratio_hgh=0.3", tmp_path=tmp_path)
+    _assert_refused(res, 2, "unknown config key 'actor_rollout_ref.actor.clip_ratio_hgh'", "clip_ratio_high")
+    res = run_submit("--dry-run", "--", "actor_rollout_ref.rollout.n=1", tmp_path=tmp_path)
+    _assert_refused(res, 2, "actor_rollout_ref.rollout.n=1", "n >= 2")
+
+
+def test_dry_run_checks_the_files_the_run_reads(tmp_path):
+    res = run_submit("--dry-run", "-g", "0", "-c", "1", "--trainer", "local", "--", "model_preset=tiny",
+                     "cluster=cpu", f"actor_rollout_ref.model.path={tmp_path}/no-model", tmp_path=tmp_path)
+    _assert_refused(res, 2, f"actor_rollout_ref.model.path={tmp_path}/no-model does not exist",
+                    "data.train_files")
+
+
+def test_dry_run_passes_a_good_local_run_and_creates_no_log_dir(tmp_path):
+    model, data = tmp_path / "model", tmp_path / "data"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    data.mkdir()
+    for split in ("train", "val"):
+        (data / f"{split}.parquet").write_bytes(b"")
+    res = run_submit("--dry-run", "-g", "0", "-c", "1", "--trainer", "local", "--log-dir", str(tmp_path / "logs"),
+                     "--", "model_preset=tiny", "cluster=cpu", f"actor_rollout_ref.model.path={model}",
+                     f"data.train_files=[{data}/train.parquet]", f"data.val_files=[{data}/val.parquet]",
+                     "trainer.total_training_steps=2", tmp_path=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-1].startswith("sbatch ")
+    assert not (tmp_path / "logs").exists()  # only a real submission creates it
+
+
+def test_exclusive_jobs_ask_for_the_whole_node_memory(tmp_path):
+    assert "--mem=0" in dry_run_sbatch_args(tmp_path=tmp_path)  # --exclusive: not the partition default
+    argv = dry_run_sbatch_args("--mem", "200G", tmp_path=tmp_path)
+    assert "--mem=200G" in argv and "--mem=0" not in argv
+    argv = dry_run_sbatch_args("-c", "4", tmp_path=tmp_path)
+    assert not any(a.startswith("--mem") for a in argv)  # a share of the node: the partition's default

@@ -76,7 +76,7 @@ def test_a_step_that_just_saved_is_not_saved_twice(trainer):
 
 def test_driver_turns_the_signal_into_a_request_and_exits_75(tmp_path, monkeypatch):
     import grail_megatron.workers as workers
-    from grail_megatron.config import train_cli
+    from grail_megatron.cli import train as train_cli
 
     cfg = compose([f"trainer.default_local_dir={tmp_path / 'ckpt'}"])
     previous = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
@@ -96,7 +96,7 @@ def test_driver_turns_the_signal_into_a_request_and_exits_75(tmp_path, monkeypat
 
 def test_driver_reraises_a_real_failure(tmp_path, monkeypatch):
     import grail_megatron.workers as workers
-    from grail_megatron.config import train_cli
+    from grail_megatron.cli import train as train_cli
 
     cfg = compose([f"trainer.default_local_dir={tmp_path}"])
     previous = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}

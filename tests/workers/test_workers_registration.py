@@ -98,7 +98,7 @@ def test_kl_maps_actor_and_a_separate_reference_worker(verl_classes):
     trainer = _trainer(compose(["model_preset=qwen2.5-7b-instruct"], "grpo_grail_kl"), GrailMegatronTrainer)
     assert _mapped(trainer, Role) == {
         "actor": ("GrailActorRolloutWorker", "global_pool"),
-        "ref": ("ActorRolloutRefWorker", "ref_pool"),
+        "ref": ("GrailRefWorker", "ref_pool"),
     }
     # colocated: the reference reuses the global pool's GPUs, so Ray is asked for 8 GPUs only
     assert trainer.resource_pool_manager.resource_pool_spec == {"global_pool": [8]}
@@ -184,7 +184,9 @@ def test_worker_config_each_role_receives(verl_classes, tiny_model_dir, monkeypa
                    "actor_rollout_ref.ref.megatron.param_offload=true",
                    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=3",
                    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=5",
-                   "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=7"], config_name)
+                   "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=7",
+                   "actor_rollout_ref.actor.optim.lr_warmup_steps=20"],  # GRAIL's (the tiny preset has 0)
+                  config_name)
     Recording, received = _recording_worker_classes(Worker, ActorRolloutRefWorker)
     trainer_roles = ["actor", "ref"] if config_name == "grpo_grail_kl" else ["actor"]
     try:

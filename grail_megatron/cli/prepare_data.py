@@ -6,15 +6,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from grail_megatron.cli.exits import BadInput, Parser, debug_requested, guarded, positive_int
 from grail_megatron.prompts import SYSTEM_PROMPT
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="grail-megatron prepare-data",
         description="Write train/val(/test).parquet in verl's format with GRAIL's splits and prompts.",
     )
-    p.add_argument("--dataset", required=True, choices=("gsm8k", "math", "mbpp"))
+    p.add_argument("--dataset", required=True, choices=("gsm8k", "math", "mbpp"), help="which dataset to write")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument(
         "--source",
@@ -38,13 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--math-val-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="MATH validation size (default 500 on the real data, 1/15 of a smaller source)",
     )
     p.add_argument("--tokenizer", default=None, help="HF tokenizer folder for --max-prompt-length")
     p.add_argument(
-        "--max-prompt-length", type=int, default=None, help="drop prompts longer than N tokens after the chat template"
+        "--max-prompt-length", type=positive_int, default=None, help="drop prompts longer than N tokens after the chat template"
     )
     p.add_argument("--strict", action="store_true", help="fail on unscorable rows instead of skipping them")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -52,14 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if (args.tokenizer is None) != (args.max_prompt_length is None):
         parser.error("--tokenizer and --max-prompt-length go together")
-    if args.max_prompt_length is not None and args.max_prompt_length <= 0:
-        parser.error("--max-prompt-length must be positive")
+    return guarded("grail-megatron prepare-data", lambda: run(args), debug=args.debug or debug_requested(argv))
 
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    if args.tokenizer is not None and not Path(args.tokenizer).exists():
+        raise BadInput(f"--tokenizer {args.tokenizer}: no such folder")
+    if args.system_prompt_file is not None and not args.system_prompt_file.is_file():
+        raise BadInput(f"--system-prompt-file {args.system_prompt_file}: no such file")
+
+
+def run(args: argparse.Namespace) -> int:
     from grail_megatron.data import DataError, prepare_dataset
+
+    _check_inputs(args)
 
     try:
         system_prompt = _system_prompt(args)
@@ -77,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
         )
     except DataError as exc:
-        print(f"prepare-data: error: {exc}", file=sys.stderr)
-        return 1
+        raise BadInput(str(exc)) from None
     print_summary(result)
     return 0
 

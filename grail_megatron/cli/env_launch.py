@@ -119,8 +119,10 @@ def overrides_from_env(env: Mapping[str, str], model_preset: str) -> tuple[list[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="launch grail-megatron train from GRAIL's environment variables")
-    parser.add_argument("--model-preset", required=True)
+    parser = argparse.ArgumentParser(description="launch grail-megatron train from GRAIL's environment variables",
+                                     epilog="exit status: as `grail-megatron train` (0 ok, 1 a check failed, "
+                                            "2 bad input, 3 broken environment)")
+    parser.add_argument("--model-preset", required=True, help="model preset when MODEL is not set")
     parser.add_argument("extra", nargs="*", help="further Hydra overrides (win over the environment)")
     args = parser.parse_args(argv)
     try:
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     except EnvError as exc:
         print(f"grail-megatron: {exc}", file=sys.stderr)
         return 2
-    from grail_megatron.config import train_cli
+    from grail_megatron.cli import train as train_cli
 
     argv_train = ["--config-name", config_name] + (["--dry-run"] if dry_run else []) + overrides + list(args.extra)
     print("grail-megatron train " + " ".join(argv_train), flush=True)

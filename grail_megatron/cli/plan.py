@@ -7,7 +7,7 @@ Examples:
     grail-megatron plan actor_rollout_ref.actor.megatron.tensor_model_parallel_size=8   # any override
 
 Exit status: 0 when the configured run passes every check, 1 when a check fails (the reasons
-and fixes are printed), 2 for bad arguments.
+and fixes are printed), 2 for bad input (an option, key or value; named with the allowed values).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from grail_megatron.cli.exits import BadInput, Parser, debug_requested, guarded, positive_float, positive_int
 
 # Command-line flags that are shorthands for verl config keys.
 FLAG_KEYS = {
@@ -32,21 +34,21 @@ FLAG_KEYS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="grail-megatron plan", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="grail-megatron plan", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-name", default="grpo_grail", help="primary config (grpo_grail | grpo_grail_kl)")
     parser.add_argument("--kl", action="store_true", help="plan the KL variant (adds the reference worker)")
     parser.add_argument("--model", help="model preset name, or an HF config.json / model folder")
-    parser.add_argument("--nnodes", type=int)
-    parser.add_argument("--gpus-per-node", type=int)
-    parser.add_argument("--gpu-memory-gb", type=float)
-    parser.add_argument("--train-batch-size", type=int, help="prompts per step")
-    parser.add_argument("--n", type=int, help="completions per prompt")
-    parser.add_argument("--mini-batch", type=int, help="prompts per optimiser step")
-    parser.add_argument("--micro-batch", type=int, help="sequences per micro batch per GPU")
-    parser.add_argument("--prompt-length", type=int)
-    parser.add_argument("--response-length", type=int)
-    parser.add_argument("--top", type=int, default=8, help="valid layouts to show per role (default 8)")
+    parser.add_argument("--nnodes", type=positive_int, help="nodes (trainer.nnodes)")
+    parser.add_argument("--gpus-per-node", type=positive_int, help="GPUs per node (trainer.n_gpus_per_node)")
+    parser.add_argument("--gpu-memory-gb", type=positive_float, help="memory per GPU in GiB (grail.cluster.gpu_memory_gb)")
+    parser.add_argument("--train-batch-size", type=positive_int, help="prompts per step (data.train_batch_size)")
+    parser.add_argument("--n", type=positive_int, help="completions per prompt (rollout.n; GRPO needs >= 2)")
+    parser.add_argument("--mini-batch", type=positive_int, help="prompts per optimiser step (actor.ppo_mini_batch_size)")
+    parser.add_argument("--micro-batch", type=positive_int, help="sequences per micro batch per GPU")
+    parser.add_argument("--prompt-length", type=positive_int, help="max prompt tokens (data.max_prompt_length)")
+    parser.add_argument("--response-length", type=positive_int, help="max response tokens (data.max_response_length)")
+    parser.add_argument("--top", type=positive_int, default=8, help="valid layouts to show per role (default 8)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of tables")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (key=value)")
     return parser
@@ -63,6 +65,9 @@ def overrides_from_args(args: argparse.Namespace) -> tuple[list[str], Path | Non
             overrides.append(f"model_preset={args.model}")
         elif Path(args.model).exists():
             hf_config = Path(args.model)
+        elif "/" in args.model or args.model.endswith(".json"):
+            raise BadInput(f"--model {args.model}: no such file or folder (a preset name, an HF config.json or "
+                           f"a model folder; presets: {', '.join(preset_options('model_preset'))})")
         else:
             overrides.append(f"model_preset={args.model}")  # compose() reports the allowed presets
     for attr, key in FLAG_KEYS.items():
@@ -73,14 +78,20 @@ def overrides_from_args(args: argparse.Namespace) -> tuple[list[str], Path | Non
 
 
 def make_plan(config_name: str, overrides: list[str], hf_config: Path | None = None):
-    """Compose the config and plan it; returns (cfg, plan, actor/ref/rollout candidate lists)."""
-    from grail_megatron.config.compose import compose
+    """Compose, run the validation step's input rules, plan; returns (cfg, plan, actor/ref/rollout candidates)."""
+    from grail_megatron.cli import preflight
     from grail_megatron.config.model_spec import ModelSpec
     from grail_megatron.config.planner import (enumerate_rollout_layouts, enumerate_train_layouts, plan,
                                                plan_input_from_config)
 
-    cfg = compose(overrides, config_name)
-    model = ModelSpec.from_hf_config(hf_config) if hf_config else None
+    cfg = preflight.compose(overrides, config_name)
+    problems = preflight.input_problems(cfg, "plan")
+    if problems:
+        raise BadInput(preflight.listing(problems))
+    try:
+        model = ModelSpec.from_hf_config(hf_config) if hf_config else None
+    except (ValueError, FileNotFoundError) as exc:
+        raise BadInput(f"--model: {exc}") from None
     inp = plan_input_from_config(cfg, model=model)
     result = plan(inp)
     actor_layouts = enumerate_train_layouts(inp, "actor")
@@ -101,16 +112,15 @@ def render(result, actor_layouts, ref_layouts, rollout_layouts, top: int) -> str
 
 
 def main(argv: list[str] | None = None) -> int:
-    from grail_megatron.config.compose import ConfigError
-
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    return guarded("grail-megatron plan", lambda: run(args), debug=args.debug or debug_requested(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     config_name = "grpo_grail_kl" if args.kl else args.config_name
-    try:
-        overrides, hf_config = overrides_from_args(args)
-        _, result, actor_layouts, ref_layouts, rollout_layouts = make_plan(config_name, overrides, hf_config)
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"grail-megatron plan: {exc}", file=sys.stderr)
-        return 2
+    overrides, hf_config = overrides_from_args(args)
+    _, result, actor_layouts, ref_layouts, rollout_layouts = make_plan(config_name, overrides, hf_config)
     if args.json:
         from grail_megatron.config.plan_report import plan_to_dict
 

@@ -13,11 +13,13 @@ adjustment and asserts the original error.
 | cuda_literals   | schedules/clip_grads allocate with a literal `device="cuda"`; a global         |
 |                 | TorchFunctionMode maps CUDA device arguments (and `Tensor.cuda()`) to the CPU |
 | synchronize     | pipeline shape exchange calls `torch.cuda.synchronize()`: a no-op on CPU       |
-| clip_grad       | Megatron's optimizer asserts `grad.type() == 'torch.cuda.FloatTensor'` when    |
-|                 | clipping: replaced by the same maths without the CUDA type check              |
 | tensor_type     | Megatron's DistributedOptimizer and Float16 optimizer accept only parameters  |
-|                 | whose `type()` is `torch.cuda.{Float,Half,BFloat16}Tensor` (TypeError on CPU): |
-|                 | `Tensor.type()` without arguments answers the CUDA name for CPU tensors       |
+|                 | whose `type()` is `torch.cuda.{Float,Half,BFloat16}Tensor` (TypeError on CPU), |
+|                 | and gradient clipping asserts `grad.type() == 'torch.cuda.FloatTensor'`:      |
+|                 | `Tensor.type()` without arguments answers the CUDA name for CPU tensors, and  |
+|                 | Megatron's own clipping maths runs                                            |
+| rng_tracker_load| (verl workers only) verl's resume restores Megatron's RNG tracker states; a   |
+|                 | CPU run's inference tracker saved none (KeyError): nothing to restore         |
 
 The TorchFunctionMode is per thread: wrap functions that run in other threads with
 `on_cpu_thread`.
@@ -122,21 +124,6 @@ def _revert_synchronize() -> None:
     torch.cuda.synchronize = _originals.pop("synchronize")
 
 
-def clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
-    """Megatron's `clip_grad_by_total_norm_fp32` without its CUDA tensor-type assertion."""
-    if isinstance(parameters, torch.Tensor):
-        parameters = [parameters]
-    attr = "decoupled_grad" if use_decoupled_grad else "grad"
-    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
-    clip_coeff = max_norm / (total_norm + 1.0e-6)
-    if isinstance(clip_coeff, torch.Tensor):
-        clip_coeff = clip_coeff.clamp_max(1.0)
-    elif clip_coeff >= 1.0:
-        return
-    for grad in grads:
-        grad.mul_(clip_coeff)
-
-
 def _cuda_type_name(self, dtype=None, non_blocking=False, **kwargs):
     """`Tensor.type()` as a query answers the CUDA type name for CPU tensors (conversions unchanged)."""
     original = _originals["tensor_type"]
@@ -157,20 +144,33 @@ def _revert_tensor_type() -> None:
     torch.Tensor.type = _originals.pop("tensor_type")
 
 
-def _patch_clip_grad() -> None:
-    from megatron.core.optimizer import clip_grads, optimizer
+def _tolerant_load_rng_states(original):
+    @functools.wraps(original)
+    def load_rng_states(self, *args, **kwargs):
+        from megatron.core import tensor_parallel
 
-    _originals["clip_grad"] = clip_grads.clip_grad_by_total_norm_fp32
-    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
-    optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_cpu
+        try:
+            return original(self, *args, **kwargs)
+        except KeyError:
+            # the saved tracker states are empty (a CPU run's inference tracker) and so are ours:
+            # there is nothing to restore (dropout is 0 on CPU)
+            if tensor_parallel.get_cuda_rng_tracker().get_states():
+                raise
+
+    return load_rng_states
 
 
-def _revert_clip_grad() -> None:
-    from megatron.core.optimizer import clip_grads, optimizer
+def _patch_rng_tracker_load() -> None:
+    from verl.utils.checkpoint import megatron_checkpoint_manager as manager
 
-    original = _originals.pop("clip_grad")
-    clip_grads.clip_grad_by_total_norm_fp32 = original
-    optimizer.clip_grad_by_total_norm_fp32 = original
+    _originals["rng_tracker_load"] = manager.MegatronCheckpointManager.load_rng_states
+    manager.MegatronCheckpointManager.load_rng_states = _tolerant_load_rng_states(_originals["rng_tracker_load"])
+
+
+def _revert_rng_tracker_load() -> None:
+    from verl.utils.checkpoint import megatron_checkpoint_manager as manager
+
+    manager.MegatronCheckpointManager.load_rng_states = _originals.pop("rng_tracker_load")
 
 
 ADJUSTMENTS: tuple[Adjustment, ...] = (
@@ -180,13 +180,18 @@ ADJUSTMENTS: tuple[Adjustment, ...] = (
                _patch_cuda_literals, _revert_cuda_literals),
     Adjustment("synchronize", "torch.cuda.synchronize() is a no-op",
                _patch_synchronize, _revert_synchronize),
-    Adjustment("clip_grad", "gradient clipping without the CUDA type assertion",
-               _patch_clip_grad, _revert_clip_grad),
     Adjustment("tensor_type", "Tensor.type() names CPU tensors with the CUDA type names Megatron's "
-               "mixed-precision and distributed optimizers accept", _patch_tensor_type, _revert_tensor_type),
+               "mixed-precision and distributed optimizers (and gradient clipping) accept",
+               _patch_tensor_type, _revert_tensor_type),
 )
-_BY_NAME = {a.name: a for a in ADJUSTMENTS}
+# verl-only: applied by enable_verl_cpu_support in verl's worker processes
+VERL_ADJUSTMENTS: tuple[Adjustment, ...] = (
+    Adjustment("rng_tracker_load", "resuming verl's checkpoint with the (empty) inference RNG tracker",
+               _patch_rng_tracker_load, _revert_rng_tracker_load),
+)
+_BY_NAME = {a.name: a for a in ADJUSTMENTS + VERL_ADJUSTMENTS}
 NAMES = tuple(a.name for a in ADJUSTMENTS)
+VERL_NAMES = NAMES + tuple(a.name for a in VERL_ADJUSTMENTS)
 
 
 def enable_cpu_support(skip: Iterable[str] = ()) -> list[str]:
@@ -252,8 +257,13 @@ def on_cpu_thread(fn: Callable) -> Callable:
 
 
 def enable_verl_cpu_support() -> list[str]:
-    """The adjustments verl's own Megatron engine needs in a CPU worker process (VERL_PLATFORM=cpu).
-
-    Same contract as `enable_cpu_support`: a no-op with a GPU, idempotent.
-    """
-    return enable_cpu_support()
+    """The adjustments verl's own Megatron engine needs in a CPU worker process (VERL_PLATFORM=cpu):
+    all of `enable_cpu_support` plus VERL_ADJUSTMENTS. A no-op with a GPU, idempotent."""
+    active_now = enable_cpu_support()
+    if not active_now:
+        return []
+    for adjustment in VERL_ADJUSTMENTS:
+        if adjustment.name not in _applied and adjustment.name not in _suspended:
+            adjustment.apply()
+            _applied.add(adjustment.name)
+    return sorted(_applied)

@@ -26,8 +26,14 @@ and then `bridge.get_model(...)`. Two things break on this version matrix, GPU o
 |                       | one-element stand-in for the call (their parameters are separate tensors, |
 |                       | which the rest of both functions moves), then None again.                 |
 
-`apply()` is idempotent and runs in every verl worker process through
-`grail_megatron.workers.plugins`; tests/workers/test_verl_adjustments.py shows each failure.
+| fresh_optimizer_state | without Apex/TE (CPU, a bare GPU node) Megatron's DistributedOptimizer       |
+|                       | `state_dict()` asserts on a fresh torch Adam (no 'step' yet); verl calls it |
+|                       | to build the template a resumed checkpoint loads into. Megatron's own dummy |
+|                       | state init runs first, with lr and weight decay 0 for that step.           |
+
+`apply()` is idempotent and runs in each process that builds verl's Megatron engine (our workers'
+constructors, grail_megatron/workers/trainer.py); tests/workers/test_verl_adjustments.py shows
+each failure.
 """
 
 from __future__ import annotations
@@ -147,6 +153,47 @@ def restore_param_buffer_movers() -> None:
     _original_buffer_movers.clear()
 
 
+_original_optimizer_state_dict = None
+
+
+def _state_dict_of_a_fresh_optimizer(self):
+    """Megatron's state_dict, after giving a fresh torch Adam its state (lr and weight decay 0 for
+    that one step, so no parameter moves); the checkpoint being loaded then replaces it."""
+    if len(self.optimizer.state) == 0:
+        saved = [(group.get("lr"), group.get("weight_decay")) for group in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"], group["weight_decay"] = 0.0, 0.0
+        try:
+            self._init_optimizer_states_with_dummy_values()  # Megatron's own (zero grads, one step)
+        finally:
+            for group, (lr, weight_decay) in zip(self.optimizer.param_groups, saved):
+                group["lr"], group["weight_decay"] = lr, weight_decay
+    return _original_optimizer_state_dict(self)
+
+
+def give_fresh_optimizers_a_state() -> bool:
+    """Without Apex/TE, Megatron's DistributedOptimizer.state_dict reads the inner torch Adam's
+    'step', which a fresh Adam does not have yet (`assert len(steps) == 1`); verl calls it on the
+    fresh optimizer to build the template a resumed checkpoint is loaded into."""
+    global _original_optimizer_state_dict
+    from megatron.core.optimizer import distrib_optimizer
+
+    if _original_optimizer_state_dict is not None or distrib_optimizer.HAVE_APEX_OR_TE:
+        return False
+    _original_optimizer_state_dict = distrib_optimizer.DistributedOptimizer.state_dict
+    distrib_optimizer.DistributedOptimizer.state_dict = _state_dict_of_a_fresh_optimizer
+    return True
+
+
+def restore_optimizer_state_dict() -> None:
+    global _original_optimizer_state_dict
+    from megatron.core.optimizer import distrib_optimizer
+
+    if _original_optimizer_state_dict is not None:
+        distrib_optimizer.DistributedOptimizer.state_dict = _original_optimizer_state_dict
+        _original_optimizer_state_dict = None
+
+
 def apply() -> None:
     from grail_megatron.megatron.bridge import register_with_mbridge
 
@@ -154,6 +201,7 @@ def apply() -> None:
     register_with_mbridge()
     ignore_padding_mask_in_local_causal_attention()
     tolerate_missing_param_buffers()
+    give_fresh_optimizers_a_state()
 
 
 def restore_mbridge_classes() -> None:
@@ -178,6 +226,7 @@ PARTS = {
     "grail_bridge_classes": (_register_grail_classes, restore_mbridge_classes),
     "padding_mask_local": (ignore_padding_mask_in_local_causal_attention, restore_local_attention),
     "no_param_buffer": (tolerate_missing_param_buffers, restore_param_buffer_movers),
+    "fresh_optimizer_state": (give_fresh_optimizers_a_state, restore_optimizer_state_dict),
 }
 
 

@@ -118,6 +118,14 @@ def _platform_class():
         def is_available(self) -> bool:
             return True
 
+        def is_platform_available(self, use_smi_check: bool = False) -> bool:
+            # Only ever chosen by name (VERL_PLATFORM=cpu): verl's auto-detection probes every
+            # registered platform, and a CPU-only Ray actor on a GPU node (no nvidia-smi on PATH)
+            # must keep verl's own fallback to "nvidia" rather than turn into a CPU run.
+            import os
+
+            return os.environ.get("VERL_PLATFORM", "").strip().lower() == PLATFORM_NAME
+
         def current_device(self) -> int:
             return 0
 

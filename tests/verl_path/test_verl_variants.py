@@ -4,10 +4,8 @@ group at another layout than the actor's (actor TP2, reference TP1)."""
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
-from verl_testlib import CLI, base_overrides, run_env, train
+from verl_testlib import base_overrides, train
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
 
@@ -17,18 +15,32 @@ BF16_LOG_PROB_BOUND = 0.05
 
 
 @pytest.fixture(scope="module")
-def mbpp_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mbpp_data")
-    proc = subprocess.run([*CLI, "prepare-data", "--dataset", "mbpp", "--source", "fixtures", "--out", str(out),
-                           "--no-progress"], env=run_env(out), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+def mbpp_data(sums, tmp_path_factory):
+    """The sums prompts as MBPP tasks: GRAIL's MBPP reward (data_source routes on "mbpp") with
+    `assert add(a, b) == a + b` tests. The warm-started model answers `<SOLUTION>n</SOLUTION>`,
+    code that compiles, so every completion's tests run in the sandbox (and fail: no `add`)."""
+    import json
+
+    import pandas as pd
+
+    out = tmp_path_factory.mktemp("mbpp_sums")
+    for split, source in (("train", sums.train_file), ("val", sums.val_file)):
+        rows = pd.read_parquet(source)
+        rows["data_source"] = "grail_mbpp"
+        rows["ability"] = "code"
+        rows["reward_model"] = [
+            {"style": "rule", "ground_truth": json.dumps({
+                "test_list": [f"assert add({q.split()[2]}, {q.split()[4].rstrip('?')}) == {gt['ground_truth'][5:]}"],
+                "test_setup_code": "", "test_imports": []})}
+            for q, gt in zip(rows["extra_info"].map(lambda e: e["question"]), rows["reward_model"])]
+        rows.to_parquet(out / f"{split}.parquet")
     return out
 
 
 def test_pp2_mbpp_through_the_sandbox_without_distributed_optimizer(sums, mbpp_data, tmp_path):
     run = train(tmp_path, base_overrides(
         sums, f"data.train_files=[{mbpp_data / 'train.parquet'}]", f"data.val_files=[{mbpp_data / 'val.parquet'}]",
-        "data.max_prompt_length=1024", "data.max_response_length=16", "data.val_max_samples=4",
+        "data.val_max_samples=4",
         "actor_rollout_ref.actor.megatron.tensor_model_parallel_size=1",
         "actor_rollout_ref.actor.megatron.pipeline_model_parallel_size=2",
         # verl's option (our default is true): no flat param buffer; verl's weight export to the
@@ -39,9 +51,8 @@ def test_pp2_mbpp_through_the_sandbox_without_distributed_optimizer(sums, mbpp_d
     assert step["actor/grad_norm"] > 0
     for key in ("critic/score/mean", "actor/pg_loss", "timing_s/update_actor"):
         assert key in step
-    # the warm-started model answers `<SOLUTION>n</SOLUTION>`: code that compiles, so GRAIL's MBPP
-    # reward ran the tests in the sandbox pool of verl's reward worker (and they failed)
-    assert step["val-aux/grail_mbpp/executed/mean@5"] == 1.0
+    # code that compiles is run against its tests in the sandbox pool of verl's reward worker
+    # (GRAIL's MBPP reward; they fail: no `add`), so it earns the 0.1 compile share only
     assert step["val-aux/grail_mbpp/syntax_valid/mean@5"] > 0
     assert step["val/grail_mbpp/pass@5"] == 0.0
 

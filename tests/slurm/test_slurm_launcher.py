@@ -109,6 +109,9 @@ def test_ray_wait_names_missing_nodes_on_a_real_ray_cluster(jobs, job_tmp_base, 
     from grail_megatron.launch.ray_cluster import ClusterNotReady, Expectation, probe, wait_for_nodes
 
     monkeypatch.setenv("SLURMD_NODENAME", "n1")  # inherited by the raylet and its workers
+    # Ray 2.60 caches its auth-token state per process: a token-auth cluster here would break the
+    # loopback test clusters that later tests start in this pytest process (tests/workers)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=1, resources={"slurm_node_n1": 1}, include_dashboard=False, log_to_driver=False,
              object_store_memory=80 * 1024 * 1024, _temp_dir=str(job_tmp_base / "rw"))
     try:

@@ -189,9 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_verl_until_done_or_preempted(cfg: Any) -> int:
     """verl's trainer; SIGUSR1/SIGTERM -> checkpoint after the current step, exit 75 (requeue)."""
-    from grail_megatron.workers import export_runtime_env, run_verl
-
-    export_runtime_env(cfg)  # before verl is imported here: its plugins and platform come from there
+    from grail_megatron.workers import run_verl  # exports the Ray workers' env before importing verl
     from grail_megatron.workers.preemption import EXIT_PREEMPTED, install_request_handlers, request_path
 
     request = request_path(cfg)

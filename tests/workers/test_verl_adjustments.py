@@ -337,31 +337,35 @@ def task_pipeline(model_dir):
     return baseline, results
 
 
-# ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def make_model_dir(root) -> str:
+    """A tiny Qwen2 whose vocabulary (296) divides TP2 (the composed config's is the preset's; the model's wins)."""
     from grail_megatron.models.tiny import make_tiny_model, train_tokenizer
 
-    root = tmp_path_factory.mktemp("verl_adjustments")
     train_tokenizer([f"What is {a} + {b}? {a + b}" for a in range(10) for b in range(10)], root / "tok")
-    # vocab 296 divides TP2; the composed config's vocabulary is the preset's, the model's wins
     return str(make_tiny_model(root / "model", tokenizer_dir=root / "tok", hidden=32, layers=2, heads=2,
                                kv_heads=1, vocab_size=296))
 
 
+@contextlib.contextmanager
+def worker_rank_pool():
+    """2 gloo ranks with the environment a cluster=cpu verl worker gets (spawned ranks inherit it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in WORKER_ENV.items():
+            mp.setenv(key, value)
+        with RankPool(world_size=2) as pool:
+            yield pool
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("verl_adjustments"))
+
+
 @pytest.fixture(scope="module")
 def pool():
-    saved = {k: os.environ.get(k) for k in WORKER_ENV}
-    os.environ.update(WORKER_ENV)  # spawned ranks inherit it
-    try:
-        with RankPool(world_size=2) as p:
-            yield p
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with worker_rank_pool() as p:
+        yield p
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ import pytest
 import torch
 
 import test_verl_adjustments as va
-from grail_megatron.megatron.spawn import RankPool
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.filterwarnings("ignore")]
 
@@ -129,27 +128,13 @@ def task_cross_check(model_dir):
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from grail_megatron.models.tiny import make_tiny_model, train_tokenizer
-
-    root = tmp_path_factory.mktemp("verl_vs_local")
-    train_tokenizer([f"What is {a} + {b}? {a + b}" for a in range(10) for b in range(10)], root / "tok")
-    return str(make_tiny_model(root / "model", tokenizer_dir=root / "tok", hidden=32, layers=2, heads=2,
-                               kv_heads=1, vocab_size=296))
+    return va.make_model_dir(tmp_path_factory.mktemp("verl_vs_local"))
 
 
 @pytest.fixture(scope="module")
 def results(model_dir):
-    saved = {k: os.environ.get(k) for k in va.WORKER_ENV}
-    os.environ.update(va.WORKER_ENV)  # spawned ranks inherit it
-    try:
-        with RankPool(world_size=2) as pool:
-            return pool.run(task_cross_check, model_dir)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with va.worker_rank_pool() as pool:
+        return pool.run(task_cross_check, model_dir)
 
 
 def hf_log_probs(model_dir, dtype):

@@ -13,6 +13,12 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.filterwarnings("ign
 # weights (different reduction orders) agree to bf16 precision, not to fp32's 1e-5.
 BF16_LOG_PROB_BOUND = 0.05
 
+# GRPO gives a group whose completions all earn the same reward a zero advantage; on MBPP every
+# completion of the warm-started model usually earns the same 0.1 compile share, so the policy
+# gradient alone can be exactly zero (CI saw grad_norm 0.0). verl's entropy bonus gives every
+# update a non-zero gradient whatever the rewards, so "the update ran" stays a fact to assert.
+ENTROPY_BONUS = "actor_rollout_ref.actor.entropy_coeff=0.01"
+
 
 @pytest.fixture(scope="module")
 def mbpp_data(sums, tmp_path_factory):
@@ -46,10 +52,10 @@ def test_pp2_mbpp_through_the_sandbox_without_distributed_optimizer(sums, mbpp_d
         # verl's option (our default is true): no flat param buffer; verl's weight export to the
         # rollout used to fail on it (mbridge_compat.no_param_buffer)
         "actor_rollout_ref.actor.megatron.use_distributed_optimizer=false",
-        "trainer.total_training_steps=1", "trainer.test_freq=1", "trainer.save_freq=-1")).check()
+        ENTROPY_BONUS, "trainer.total_training_steps=1", "trainer.test_freq=1", "trainer.save_freq=-1")).check()
     step = run.metrics[1]
     assert step["actor/grad_norm"] > 0
-    for key in ("critic/score/mean", "actor/pg_loss", "timing_s/update_actor"):
+    for key in ("critic/score/mean", "actor/pg_loss", "actor/entropy_loss", "timing_s/update_actor"):
         assert key in step
     # code that compiles is run against its tests in the sandbox pool of verl's reward worker
     # (GRAIL's MBPP reward; they fail: no `add`), so it earns the 0.1 compile share only
@@ -61,7 +67,7 @@ def test_kl_reference_in_its_own_group_at_another_layout(sums, tmp_path):
     run = train(tmp_path, ["--kl", *base_overrides(
         sums, "actor_rollout_ref.actor.megatron.tensor_model_parallel_size=2",
         "actor_rollout_ref.ref.megatron.tensor_model_parallel_size=1",
-        "actor_rollout_ref.ref.megatron.pipeline_model_parallel_size=1",
+        "actor_rollout_ref.ref.megatron.pipeline_model_parallel_size=1", ENTROPY_BONUS,
         "trainer.total_training_steps=1", "trainer.test_freq=-1", "trainer.save_freq=-1")]).check()
     step = run.metrics[1]
     # two engines were built, at two layouts (verl prints each engine's TransformerConfig)

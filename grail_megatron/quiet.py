@@ -56,6 +56,17 @@ EXPECTED = (
              prefix="No index file found"),
     Expected(r"torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to load in a "
              r"single process", "single-process checkpoint reads", prefix="torch.distributed is disabled"),
+    # verl's engine on our configs (docs/verl_path.md says why each setting is what it is)
+    Expected(r"legacy mbridge backend selected by `vanilla_mbridge=True` is deprecated", "verl notices",
+             prefix="The legacy mbridge backend"),
+    Expected(r"full_param_layout not provided with use_distributed_optimizer=True", "Megatron notices",
+             logger="megatron.core.distributed.distributed_data_parallel"),
+    Expected(r"TypedStorage is deprecated", "torch deprecations (verl's param-buffer offload)",
+             prefix="TypedStorage is deprecated"),
+    Expected(r"c10d::broadcast_: an autograd kernel was not registered", "torch notices (Megatron's TP "
+             "broadcast on gloo)", cpu_only=True),
+    Expected(r"is_fx_tracing will return true for both fx.symbolic_trace and torch.export", "torch notices",
+             logger="torch.fx._symbolic_trace"),
 )
 
 _hidden: dict[str, int] = {}

@@ -1,12 +1,19 @@
-"""Wiring of the loop to the other areas: Megatron actor/reference, checkpoints, validation.
+"""Wiring of the loop to the other areas: verl's engines, checkpoints, validation.
 
-Each function is a thin call into the owning module (grail_megatron.megatron,
-grail_megatron.checkpoint, grail_megatron.eval) so the loop itself reads as the algorithm.
+Each function is a thin call into the owning module (`local.policy` for verl's workers,
+`grail_megatron.checkpoint` for the step directories, `grail_megatron.eval`) so the loop
+itself reads as the algorithm.
+
+Checkpoints are the verl path's: `<root>/global_step_<k>/actor` written by verl's checkpoint
+manager, plus verl's tracker file. A step is written under a temporary name, completed with our
+marker (file list and sizes) and renamed, so a save cut short never looks like a checkpoint;
+both paths resume from each other's steps (docs/local.md).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import torch.distributed as dist
@@ -17,60 +24,82 @@ logger = logging.getLogger(__name__)
 
 
 def build(s: LocalSettings, cfg):
-    """The trainable actor and, when the KL loss is on, a frozen reference (same HF weights)."""
-    from grail_megatron.megatron.actor import ActorConfig, MegatronActor
+    """verl's actor (and, with the KL loss, reference) workers of this rank."""
+    from grail_megatron.local.policy import LocalPolicy
 
-    actor = MegatronActor.from_pretrained(s.model_path, ActorConfig.from_verl(cfg, role="actor"), trainable=True)
-    ref = None
-    if s.actor.use_kl_loss:
-        ref = MegatronActor.from_pretrained(s.model_path, ActorConfig.from_verl(cfg, role="ref"), trainable=False)
-    return actor, ref
+    return LocalPolicy(cfg, s.trainer.total_training_steps)
 
 
-def load_tokenizer(model_path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_path)
-
-
-def sync_rollout_weights(actor, rollout) -> None:
-    """Actor -> rollout model through the bridge export (collective; rank 0 copies the tensors)."""
-    for name, tensor in actor.export_hf_weights():
+def sync_rollout_weights(policy, rollout) -> None:
+    """Actor -> rollout model through verl's engine export (collective; rank 0 loads the tensors)."""
+    for name, tensor in policy.export_weights():
         if rollout is not None:
             rollout.load_weights([(name, tensor)])
 
 
-def resume(root: str, actor) -> int:
-    """Load the newest checkpoint that loads cleanly; 0 when there is none.
+def resume(root: str, policy) -> int:
+    """Load the newest step that verifies (ours or the verl path's); 0 when there is none.
 
-    A step that fails verification (partial or truncated save) or loading is refused with the
-    reason, and the next older step is tried, so one bad save never blocks a restart.
+    A step that fails verification (partial or truncated save) is refused with the reason and
+    the next older one is tried, so one bad save never blocks a restart.
     """
-    from grail_megatron.checkpoint import CheckpointError, load_checkpoint
-    from grail_megatron.checkpoint.layout import list_step_dirs
+    from grail_megatron.checkpoint import CheckpointError, verify_step
+    from grail_megatron.checkpoint.layout import ROLE, list_step_dirs
 
-    box = [sorted(list_step_dirs(root), reverse=True) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)  # every rank tries the same steps in the same order
-    for step in box[0]:
-        try:
-            loaded = load_checkpoint(root, actor.models, actor.optimizer, step=step, lr_scheduler=actor.scheduler)
-        except CheckpointError as exc:
-            _say(f"refusing checkpoint step {step}: {exc}; trying an older one")
-            continue
-        _say(f"resumed from {loaded.path} (step {loaded.step})")
-        return loaded.step
-    if box[0]:
-        _say(f"no usable checkpoint under {root}: starting from the HF weights")
-    return 0
+    choice = [None]
+    if dist.get_rank() == 0:
+        for step, path in sorted(list_step_dirs(root).items(), reverse=True):
+            try:
+                verify_step(path)
+            except CheckpointError as exc:
+                _say(f"refusing checkpoint step {step}: {exc}; trying an older one")
+                continue
+            choice = [(step, str(path))]
+            break
+        else:
+            if list_step_dirs(root):
+                _say(f"no usable checkpoint under {root}: starting from the HF weights")
+    dist.broadcast_object_list(choice, src=0)  # every rank loads the same step
+    if choice[0] is None:
+        return 0
+    step, path = choice[0]
+    policy.load_checkpoint(str(Path(path) / ROLE))
+    _say(f"resumed from {path} (step {step})")
+    return step
 
 
-def save(s: LocalSettings, actor, step: int, tokenizer) -> Path:
-    from grail_megatron.checkpoint import save_checkpoint
+def save(s: LocalSettings, policy, step: int, sampler) -> Path:
+    """verl's checkpoint of `step` (+ verl's dataloader state, data.pt), written aside and renamed
+    into place once complete (collective)."""
+    import torch
 
-    return save_checkpoint(
-        s.trainer.default_local_dir, step, actor.models, actor.optimizer, lr_scheduler=actor.scheduler,
-        hf_config=actor.bridge.hf_config, tokenizer=tokenizer, extra_state={"global_step": step},
-    )
+    from grail_megatron.checkpoint.fsutil import atomic_write_text, fsync_tree, replace_dir
+    from grail_megatron.checkpoint.layout import DATALOADER_FILE, ROLE, TRACKER_FILE, step_dir, temp_step_dir
+    from grail_megatron.checkpoint.manifest import write_marker
+
+    root = Path(s.trainer.default_local_dir)
+    tmp, final = temp_step_dir(root, step), step_dir(root, step)
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a save of this step that was cut short
+    dist.barrier()
+    policy.save_checkpoint(str(tmp / ROLE), step)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        torch.save(sampler.dataloader_state(step), tmp / DATALOADER_FILE)
+        fsync_tree(tmp)
+        write_marker(tmp, step, info={"writer": "grail-megatron train --local", "layout": _layout()})
+        replace_dir(tmp, final)
+        atomic_write_text(root / TRACKER_FILE, str(int(step)))
+    dist.barrier()
+    return final
+
+
+def _layout() -> dict:
+    from megatron.core import parallel_state as mpu
+
+    return {"tp": mpu.get_tensor_model_parallel_world_size(), "pp": mpu.get_pipeline_model_parallel_world_size(),
+            "dp": mpu.get_data_parallel_world_size(),
+            "vpp": mpu.get_virtual_pipeline_model_parallel_world_size() or 1}
 
 
 def validator(s: LocalSettings, rollout):
@@ -80,20 +109,14 @@ def validator(s: LocalSettings, rollout):
     import pyarrow.parquet as pq
 
     from grail_megatron.eval.validation import evaluate
-    from grail_megatron.local.settings import SamplingSettings
 
     rows = [row for path in s.data.val_files for row in pq.read_table(path).to_pylist()]
     if s.data.val_max_samples > 0:
         rows = rows[: s.data.val_max_samples]
-    v = s.validation
-    sampling = SamplingSettings(n=v.n, temperature=v.temperature or 1.0, top_p=v.top_p, top_k=v.top_k,
-                                response_length=s.sampling.response_length, do_sample=v.do_sample)
-
-    def generate(messages, n, seeds):
-        return rollout.generate_texts(messages, n, seeds, sampling)
 
     def run() -> dict[str, float]:
-        return evaluate(generate, rows, samples=v.n, ks=[1], seed=s.actor.seed, batch_size=len(rows))
+        return evaluate(rollout.generate_texts, rows, samples=s.validation.n, ks=[1], seed=s.actor.seed,
+                        batch_size=len(rows))
 
     return run
 
@@ -102,5 +125,3 @@ def _say(message: str) -> None:
     if dist.get_rank() == 0:
         print(f"[grail-megatron] {message}", flush=True)
     logger.info(message)
-
-

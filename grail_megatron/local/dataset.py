@@ -89,21 +89,50 @@ def _record(row: dict, path: str, row_number: int, tokenizer, max_prompt_length:
 
 
 class PromptSampler:
-    """Epoch-wise shuffled batches, reproducible from (seed, step) alone."""
+    """verl's training order: the sampler verl's trainer builds (`create_rl_sampler`: a seeded
+    RandomSampler, or sequential without shuffle), cut into drop-last batches epoch after epoch,
+    as verl's StatefulDataLoader does; step k's batch is found by replaying the epochs before it,
+    so it depends on (seed, step) alone and both paths see the same prompts at the same step."""
 
     def __init__(self, num_records: int, batch_size: int, seed: int, shuffle: bool = True):
         if batch_size > num_records:
             raise DataError(f"data.train_batch_size={batch_size} exceeds the {num_records} training prompts")
         self.num_records, self.batch_size, self.seed, self.shuffle = num_records, batch_size, seed, shuffle
         self.batches_per_epoch = num_records // batch_size  # drop_last, as verl's dataloader
+        self._epochs: list[list[int]] = []
+        self._sampler = None
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.num_records)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_records)
+    def _verl_sampler(self):
+        from omegaconf import OmegaConf
+        from verl.trainer.ppo.utils import create_rl_sampler
+
+        return create_rl_sampler(OmegaConf.create({"shuffle": self.shuffle, "seed": self.seed}), range(self.num_records))
+
+    def _order(self, epoch: int) -> list[int]:
+        if self._sampler is None:
+            self._sampler = self._verl_sampler()
+        while len(self._epochs) <= epoch:  # each pass over the sampler is one epoch, as in verl
+            self._epochs.append([int(i) for i in self._sampler])
+        return self._epochs[epoch]
 
     def indices(self, step: int) -> list[int]:
         """Record indices of 1-based training `step`."""
         epoch, within = divmod(step - 1, self.batches_per_epoch)
         start = within * self.batch_size
-        return self._order(epoch)[start:start + self.batch_size].tolist()
+        return self._order(epoch)[start:start + self.batch_size]
+
+    def dataloader_state(self, step: int) -> dict:
+        """The state_dict verl's StatefulDataLoader has after `step` training batches (verl's
+        trainer saves it as data.pt and restores it on resume): the verl path resumes a local
+        checkpoint at the next batch of the same order."""
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        loader = StatefulDataLoader(range(self.num_records), batch_size=self.batch_size, drop_last=True,
+                                    sampler=self._verl_sampler(), collate_fn=list)
+        taken = 0
+        while taken < step:
+            for _ in loader:
+                taken += 1
+                if taken == step:
+                    break
+        return loader.state_dict()

@@ -1,12 +1,14 @@
 """The local GRPO loop, run by every torchrun rank (see `worker.py`).
 
     rollout (HF generate, rank 0) -> rewards -> GRPO advantages -> old/ref log-probs
-    -> Megatron actor update -> weights to the rollout model -> metrics -> checkpoint
+    -> verl's actor update -> verl's weight export to the rollout -> metrics -> checkpoint
 
-Rank 0 owns the rollout model, the rewards and the loggers; it broadcasts each rollout batch
-so every rank of the Megatron model (TP x PP) sees the same tensors. Everything else is
-collective. Batches, sampling and checkpoints are reproducible from the step number, so a
-run resumed at step k continues exactly as if it had never stopped.
+The model work is verl's own (`local.policy`: verl's workers and Megatron engine in process,
+no Ray); this module keeps what verl has no local counterpart for: the driver, the in-process
+rollout on rank 0, GRAIL's rewards and metrics. Rank 0 broadcasts each rollout batch so every
+rank of the Megatron model (TP x PP x DP) sees the same tensors; everything else is collective.
+Batches, sampling and checkpoints are reproducible from the step number, so a run resumed at
+step k continues as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -24,32 +26,34 @@ from grail_megatron.local import scoring
 from grail_megatron.local.dataset import PromptRecord, PromptSampler, load_prompts
 from grail_megatron.local.metrics import MetricLogger, batch_metrics, reward_component_metrics, to_data_proto
 from grail_megatron.local.preemption import EXIT_PREEMPTED, STATUS_FILE_ENV, PreemptionWatcher, stop_file_from_env
-from grail_megatron.local.rollout import HFRollout
+from grail_megatron.local.rollout import LocalRollout
 from grail_megatron.local.settings import LocalSettings
 
 
 def run(s: LocalSettings, cfg) -> int:
-    from grail_megatron.megatron import parallel
+    """Train; verl's engine creates the process group and Megatron's parallel state."""
+    from megatron.core import parallel_state
 
-    parallel.initialize(tp=s.actor.tensor_model_parallel_size, pp=s.actor.pipeline_model_parallel_size,
-                        seed=s.actor.seed)
     try:
         return train(s, cfg)
     finally:
-        parallel.destroy()
+        if parallel_state.is_initialized():
+            parallel_state.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def train(s: LocalSettings, cfg) -> int:
     from grail_megatron.local import actor_setup
 
+    policy = actor_setup.build(s, cfg)
     rank0 = dist.get_rank() == 0
-    actor, ref = actor_setup.build(s, cfg)
-    tokenizer = actor_setup.load_tokenizer(s.model_path)
+    rollout = LocalRollout(policy.config) if rank0 else None
+    tokenizer = rollout.tokenizer if rollout is not None else _tokenizer(s.model_path)
     prompts = load_prompts(s.data.train_files, tokenizer, s.data.max_prompt_length, s.data.prompt_key)
     sampler = PromptSampler(len(prompts), s.data.train_batch_size, s.data.seed, s.data.shuffle)
-    step = actor_setup.resume(s.trainer.default_local_dir, actor) if s.trainer.resume_mode != "disable" else 0
-    rollout = HFRollout(s.model_path, s.sampling) if rank0 else None
-    actor_setup.sync_rollout_weights(actor, rollout)
+    step = actor_setup.resume(s.trainer.default_local_dir, policy) if s.trainer.resume_mode != "disable" else 0
+    actor_setup.sync_rollout_weights(policy, rollout)
     tracker = MetricLogger(s.trainer.project_name, s.trainer.experiment_name, s.trainer.logger,
                            s.trainer.default_local_dir, config=_plain(cfg)) if rank0 else None
     watcher = PreemptionWatcher(stop_file_from_env())
@@ -66,19 +70,21 @@ def train(s: LocalSettings, cfg) -> int:
                 batch = _broadcast(_rollout_and_score(s, rollout, prompts, sampler.indices(step), step, reward_fn)
                                    if rank0 else None)
             with _timer(timing, "old_log_prob"):
-                batch["old_log_probs"] = actor.compute_log_prob(batch)
-            if ref is not None:
+                old = policy.compute_log_prob(batch)
+                batch["old_log_probs"] = old["log_probs"]
+            if policy.ref is not None:
                 with _timer(timing, "ref"):
-                    batch["ref_log_prob"] = ref.compute_log_prob(batch)
+                    batch["ref_log_prob"] = policy.compute_ref_log_prob(batch)
             with _timer(timing, "update_actor"):
-                actor_metrics = actor.update_policy(batch)
+                actor_metrics = policy.update_actor(batch)
             with _timer(timing, "update_weights"):
-                actor_setup.sync_rollout_weights(actor, rollout)
+                actor_setup.sync_rollout_weights(policy, rollout)
         stop = watcher.should_stop()
         if stop or step == s.trainer.total_training_steps or _due(step, s.trainer.save_freq):
             with _timer(timing, "save_checkpoint"):
-                actor_setup.save(s, actor, step, tokenizer)
-        metrics = {"training/global_step": step, **actor_metrics}
+                actor_setup.save(s, policy, step, sampler)
+        metrics = {"training/global_step": step, **actor_metrics,
+                   "actor/entropy": _entropy(old["entropy"], batch["response_mask"], cfg)}
         if _due(step, s.trainer.test_freq) or (step == s.trainer.total_training_steps and s.trainer.test_freq > 0):
             with _timer(timing, "testing"):
                 metrics.update(validate())
@@ -93,11 +99,11 @@ def train(s: LocalSettings, cfg) -> int:
     return 0
 
 
-def _rollout_and_score(s: LocalSettings, rollout: HFRollout, prompts: list[PromptRecord], indices: list[int],
+def _rollout_and_score(s: LocalSettings, rollout: LocalRollout, prompts: list[PromptRecord], indices: list[int],
                        step: int, reward_fn) -> dict:
     """Sample n completions per prompt, score them, and compute GRPO advantages (rank 0)."""
     chosen = [prompts[i] for i in indices]
-    out = rollout.generate([p.prompt_ids for p in chosen], seed=s.actor.seed * 100_003 + step)
+    out = rollout.generate([p.prompt_ids for p in chosen], s.sampling.n, step)
     per_sample = [p for p in chosen for _ in range(s.sampling.n)]
     scored = scoring.score(
         rollout.decode(out.responses, out.response_mask),
@@ -115,6 +121,21 @@ def _rollout_and_score(s: LocalSettings, rollout: HFRollout, prompts: list[Promp
         "advantages": advantages, "returns": advantages,
         "reward_components": scored.components,
     }
+
+
+def _tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def _entropy(entropy: torch.Tensor, mask: torch.Tensor, cfg) -> float:
+    """verl's `actor/entropy` metric: the entropy aggregated with the actor's loss_agg_mode."""
+    from verl.trainer.ppo.core_algos import agg_loss
+
+    actor = cfg.actor_rollout_ref.actor
+    return float(agg_loss(loss_mat=entropy, loss_mask=mask, loss_agg_mode=actor.loss_agg_mode,
+                          loss_scale_factor=actor.get("loss_scale_factor")))
 
 
 def _data_proto(batch: dict):

@@ -22,18 +22,27 @@ class SumsRun:
     warm_start: dict
 
 
+# verl's engine needs TP to divide the vocabulary (mbridge does not pad it): the tiny model's
+# embedding has the tokenizer's size rounded up to this, as real checkpoints pad theirs.
+VOCAB_MULTIPLE = 8
+
+
 def prepare_sums_run(workdir: str | Path, seed: int = 0, warm: WarmStartSettings = WarmStartSettings(steps=120),
                      val_size: int = 32, vocab_size: int | None = None) -> SumsRun:
     """Data, locally trained tokenizer, random-init tiny Qwen2 (DESIGN.md s.8 size), warm start.
 
-    `vocab_size` rows (>= the tokenizer's) make the vocabulary divisible by TP, which verl's
-    engine needs (mbridge does not pad it); the local loop pads by itself.
+    `vocab_size` rows (>= the tokenizer's; default: rounded up to VOCAB_MULTIPLE) make the
+    vocabulary divisible by TP.
     """
+    from transformers import AutoTokenizer
+
     from grail_megatron.models.tiny import make_tiny_model, train_tokenizer
 
     workdir = Path(workdir)
     files = sums.write_dataset(workdir / "data", train_size=512, val_size=val_size, seed=seed)
     train_tokenizer(sums.tokenizer_texts(), workdir / "tokenizer")
+    if vocab_size is None:
+        vocab_size = -(-len(AutoTokenizer.from_pretrained(workdir / "tokenizer")) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     model_dir = make_tiny_model(workdir / "model", arch="qwen2", tie_word_embeddings=True,
                                 tokenizer_dir=workdir / "tokenizer", hidden=128, intermediate=256,
                                 layers=2, heads=4, kv_heads=2, seed=seed, vocab_size=vocab_size)
@@ -57,6 +66,7 @@ def sums_overrides(run: SumsRun, out_dir: str | Path, steps: int, tp: int = 2, p
         f"actor_rollout_ref.actor.ppo_mini_batch_size={prompts_per_step}",
         f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={sequences}",
         f"actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu={sequences}",
+        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={sequences}",
         f"actor_rollout_ref.actor.optim.lr={lr}", "actor_rollout_ref.actor.optim.lr_warmup_steps=0",
         f"actor_rollout_ref.actor.megatron.tensor_model_parallel_size={tp}",
         f"actor_rollout_ref.actor.megatron.pipeline_model_parallel_size={pp}",

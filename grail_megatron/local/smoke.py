@@ -1,8 +1,9 @@
 """The CPU smoke run (`make smoke`): the whole pipeline end to end, with a learning check.
 
     sums data -> locally trained tokenizer -> random-init tiny Qwen2 -> supervised warm start
-    -> GRPO at TP=2 (torchrun, gloo) with checkpoints -> learning check on the per-step rewards
-    -> dist checkpoint -> HF export (`grail-megatron convert to-hf --verify`) -> reload + greedy eval
+    -> GRPO at TP=2 (`train --local`: verl's engine in torchrun ranks, gloo) with checkpoints
+    -> learning check on the per-step rewards
+    -> verl checkpoint -> HF export (`grail-megatron convert to-hf --verify`) -> reload + greedy eval
     -> the production path: verl's own trainer (`grail-megatron train`, no --local) for 2 steps from
        a `convert from-hf` dist checkpoint, checkpoint, `convert to-hf --verify`
 
@@ -46,7 +47,7 @@ def _stage(name: str):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="CPU smoke run of the local GRPO loop")
     parser.add_argument("--work", default="outputs/smoke", help="working folder (recreated)")
-    parser.add_argument("--steps", type=int, default=200, help="GRPO steps")
+    parser.add_argument("--steps", type=int, default=150, help="GRPO steps")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warm-steps", type=int, default=120, help="supervised warm-start steps")
@@ -83,11 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"learning signal: mean reward first 5 steps {first:.3f}, last 5 steps {last:.3f}, "
           f"gain {gain:+.3f} (target >= {LEARNING_TARGET}): {'PASS' if ok else 'FAIL'}")
 
-    t = _stage("dist checkpoint -> HF (grail-megatron convert to-hf --verify)")
-    from grail_megatron.cli.convert import main as convert
-
+    t = _stage("verl checkpoint -> HF (grail-megatron convert to-hf --verify)")
     hf_dir = work / "hf_export"
-    code = convert(["to-hf", "--ckpt", str(work / "checkpoints"), "--out", str(hf_dir), "--verify", "--no-progress"])
+    # its own process, as a user runs it: building Megatron models records the attention backend
+    # in the process environment (NVTE_*), which the verl path's workers would inherit
+    code = _cli("convert", "to-hf", "--ckpt", str(work / "checkpoints"), "--out", str(hf_dir), "--verify",
+                "--no-progress")
     print(f"convert exit code {code} ({time.perf_counter() - t:.0f} s)")
     if code != 0:
         return code

@@ -19,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     # Engine, Apex, CUDA_DEVICE_MAX_CONNECTIONS); on the CPU path these are expected.
     for module in (r"megatron\..*", r"mbridge\..*"):
         warnings.filterwarnings("ignore", category=UserWarning, module=module)
+    from grail_megatron.quiet import quiet_third_party
+
+    quiet_third_party(summary=False)  # the notices expected on this machine, as in verl's Ray workers
+    os.environ.setdefault("VERL_LOGGING_LEVEL", "WARN")  # verl's per-module INFO lines (checkpoint paths)
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.WARNING, format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
     # "MCore's async save is deprecated": said on every checkpoint, about a path we do not use.
@@ -26,10 +30,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from omegaconf import OmegaConf
 
+    from grail_megatron.workers import export_runtime_env
+
+    cfg = OmegaConf.load(args.config)
+    # the environment verl's Ray workers get (platform, plugins, no torch.compile on CPU), set
+    # before verl is imported: this rank builds the same workers in process
+    export_runtime_env(cfg)
+    import verl  # noqa: F401  - first, so that verl imports our plugins before anything imports them
     from grail_megatron.local.loop import run
     from grail_megatron.local.settings import LocalSettings
 
-    cfg = OmegaConf.load(args.config)
     return run(LocalSettings.from_config(cfg), cfg)
 
 

@@ -19,7 +19,7 @@ What this class adds on top of mbridge (each is small and needed on this stack):
 - Saving HF weights works for a model that was not loaded from HF weights (verl initialising
   from a Megatron dist checkpoint): mbridge's writer is created on demand.
 - The vocabulary is padded to a multiple of TP (times `vocab_multiple`); the padded rows are
-  zero and masked out of the softmax by `logprobs.token_logprobs`.
+  zero; the exported HF tensors leave them out.
 - Export de-duplicates tied weights (with PP>1 the first and last stage both hold them).
 """
 
@@ -320,30 +320,6 @@ class Bridge:
                     continue
                 seen.add(name)
                 yield name, tensor
-
-    def update_hf_model(self, hf_model: torch.nn.Module, models) -> int:
-        """Copy the Megatron weights into an HF model in place (the rollout model refresh).
-
-        Collective. Every exported tensor must match a parameter of `hf_model` by name and
-        shape, and every HF parameter must be covered (a tied lm_head shares the embedding's
-        storage). Returns the number of tensors copied.
-        """
-        params = dict(hf_model.named_parameters(remove_duplicate=False))
-        covered = set()
-        with torch.no_grad():
-            for name, tensor in self.export_hf_weights(models):
-                if name not in params:
-                    raise KeyError(f"exported weight {name!r} is not a parameter of the HF model")
-                target = params[name]
-                if target.shape != tensor.shape:
-                    raise ValueError(f"{name}: HF shape {tuple(target.shape)} != exported "
-                                     f"{tuple(tensor.shape)}")
-                target.copy_(tensor.to(target.device, target.dtype))
-                covered.add(target.data_ptr())
-        missing = [n for n, p in params.items() if p.data_ptr() not in covered]
-        if missing:
-            raise KeyError(f"HF parameters not exported: {missing[:5]} ({len(missing)} in all)")
-        return len(covered)
 
     def hf_names_of(self, mcore_name: str) -> list[str]:
         """The HF tensor names one (full, unsharded) mcore tensor maps to."""

@@ -232,6 +232,19 @@ def _as_id_list(value) -> list[int]:
     return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
 
 
+def special_token_ids(generation_config, tokenizer, hf_config, where: str) -> tuple[list[int], int]:
+    """EOS ids: the generation config's (else the model config's) and the tokenizer's; pad: the
+    tokenizer's, the model config's, else the first EOS."""
+    eos = _as_id_list(getattr(generation_config, "eos_token_id", None)) or \
+        _as_id_list(getattr(hf_config, "eos_token_id", None))
+    eos += [e for e in _as_id_list(getattr(tokenizer, "eos_token_id", None)) if e not in eos]
+    if not eos:
+        raise ValueError(f"hf rollout: no eos token id in {where}")
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = getattr(hf_config, "pad_token_id", None) if pad is None else pad
+    return eos, eos[0] if pad is None else int(pad)
+
+
 class HFGenerationEngine:
     """The HF model and the synchronous work on it (generate, load weights, move)."""
 
@@ -382,15 +395,8 @@ class HFRolloutServer:
         self._occurrences: dict[tuple, int] = {}
 
     def _special_ids(self) -> tuple[list[int], int]:
-        """EOS ids: the generation config's and the tokenizer's; pad: tokenizer, config, else eos."""
-        gen, tok, hf = self.model_config.generation_config, self.model_config.tokenizer, self.model_config.hf_config
-        eos = _as_id_list(getattr(gen, "eos_token_id", None)) or _as_id_list(getattr(hf, "eos_token_id", None))
-        eos += [e for e in _as_id_list(getattr(tok, "eos_token_id", None)) if e not in eos]
-        if not eos:
-            raise ValueError(f"hf rollout: no eos token id in {self.model_config.local_path}")
-        pad = getattr(tok, "pad_token_id", None)
-        pad = getattr(hf, "pad_token_id", None) if pad is None else pad
-        return eos, eos[0] if pad is None else int(pad)
+        m = self.model_config
+        return special_token_ids(m.generation_config, m.tokenizer, m.hf_config, m.local_path)
 
     # ---- addresses (no HTTP endpoint: verl's agent loops use the handle, token in/token out)
     def get_server_address(self) -> str:

@@ -43,7 +43,7 @@ REF_POOL = "ref_pool"
 REF_PLACEMENTS = ("colocated", "dedicated")
 
 
-def _prepare_engine_process(worker: ActorRolloutRefWorker) -> None:
+def prepare_engine_process(worker: ActorRolloutRefWorker) -> None:
     """In a process that builds verl's Megatron engine: mbridge/megatron-core compatibility (every
     device), and on the CPU platform the engines in `CpuTrainingWorker` (verl's own
     `actor_worker_cls`/`ref_worker_cls` extension point); on GPUs verl's TrainingWorker as is."""
@@ -70,7 +70,7 @@ class GrailActorRolloutWorker(ActorRolloutRefWorker):
         if role == str(Role.Actor):
             role = str(Role.ActorRollout)
         super().__init__(config, role, distillation_config=distillation_config, **kwargs)
-        _prepare_engine_process(self)
+        prepare_engine_process(self)
 
 
 @megatron_methods_in_cpu_threads
@@ -79,7 +79,7 @@ class GrailRefWorker(ActorRolloutRefWorker):
 
     def __init__(self, config: Any, role: str, distillation_config: Any = None, **kwargs: Any):
         super().__init__(config, role, distillation_config=distillation_config, **kwargs)
-        _prepare_engine_process(self)
+        prepare_engine_process(self)
 
 
 @dataclass

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from transformers import AutoTokenizer
 
 from grail_megatron.local import scoring, sums
 from grail_megatron.local.dataset import DataError, PromptSampler, load_prompts
 from grail_megatron.local.metrics import MetricLogger, batch_metrics, reward_component_metrics, to_data_proto
 from grail_megatron.local.preemption import PreemptionWatcher
-from grail_megatron.local.rollout import HFRollout, mask_after_eos
-from grail_megatron.local.settings import ConfigError, LocalSettings, SamplingSettings
+from grail_megatron.local.settings import ConfigError, LocalSettings
 
 
 def _minimal_config(**changes) -> dict:
@@ -75,7 +75,7 @@ def test_missing_key_is_named():
 
 
 def test_prompts_are_chat_templated(sums_run):
-    tok = HFRollout(str(sums_run.model_dir), SamplingSettings(1, 1.0, 1.0, -1, 4)).tokenizer
+    tok = AutoTokenizer.from_pretrained(sums_run.model_dir)
     records = load_prompts((str(sums_run.train_file),), tok, max_prompt_length=32)
     assert len(records) == 512
     first = records[0]
@@ -88,7 +88,7 @@ def test_prompts_are_chat_templated(sums_run):
 def test_bad_prompt_files_are_named(tmp_path, sums_run):
     import pandas as pd
 
-    tok = HFRollout(str(sums_run.model_dir), SamplingSettings(1, 1.0, 1.0, -1, 4)).tokenizer
+    tok = AutoTokenizer.from_pretrained(sums_run.model_dir)
     with pytest.raises(DataError, match=f"{tmp_path}/none.parquet does not exist"):
         load_prompts((str(tmp_path / "none.parquet"),), tok, 32)
     pd.DataFrame({"prompt": [[{"role": "user", "content": "x"}]]}).to_parquet(tmp_path / "nocol.parquet")
@@ -114,15 +114,35 @@ def test_sampler_is_a_function_of_seed_and_step():
 # ----------------------------------------------------------------------------- rollout
 
 
-def test_mask_after_eos_keeps_the_eos_token():
-    responses = torch.tensor([[5, 6, 2, 7, 2], [5, 5, 5, 5, 5], [2, 3, 3, 3, 3]])
-    assert mask_after_eos(responses, {2}).tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+@pytest.fixture(scope="module")
+def rollout_config(sums_run):
+    from omegaconf import OmegaConf
+
+    from grail_megatron.config import compose
+
+    cfg = compose(["model_preset=tiny", "cluster=cpu", f"actor_rollout_ref.model.path={sums_run.model_dir}",
+                   "data.max_prompt_length=32", "data.max_response_length=20",
+                   "actor_rollout_ref.rollout.temperature=1.0", "actor_rollout_ref.rollout.top_p=1.0",
+                   "actor_rollout_ref.rollout.top_k=-1", "actor_rollout_ref.rollout.dtype=float32"])
+    arr = cfg.actor_rollout_ref
+    OmegaConf.resolve(arr)
+    return arr
+
+
+def _rollout(arr, **changes):
+    from omegaconf import OmegaConf
+
+    from grail_megatron.local.rollout import LocalRollout
+
+    arr = arr.copy()
+    for key, value in changes.items():
+        OmegaConf.update(arr, key, value, force_add=True)
+    return LocalRollout(arr)
 
 
 @pytest.fixture(scope="module")
-def rollout(sums_run):
-    return HFRollout(str(sums_run.model_dir), SamplingSettings(n=4, temperature=1.0, top_p=1.0, top_k=-1,
-                                                             response_length=20))
+def rollout(rollout_config):
+    return _rollout(rollout_config)
 
 
 def _sums_prompt_ids(rollout, pairs):
@@ -135,30 +155,48 @@ def _sums_prompt_ids(rollout, pairs):
 
 def test_rollout_is_seeded_and_its_log_probs_match_a_full_forward(rollout):
     prompts = _sums_prompt_ids(rollout, [(1, 2), (7, 8), (0, 0)])
-    a = rollout.generate(prompts, seed=11)
-    b = rollout.generate(prompts, seed=11)
+    a = rollout.generate(prompts, n=4, step=3)
+    b = rollout.generate(prompts, n=4, step=3)
     assert torch.equal(a.responses, b.responses)
+    assert not torch.equal(a.responses, rollout.generate(prompts, n=4, step=4).responses)
     assert a.responses.shape == (12, 20) and a.prompts.shape[0] == 12
     # verl's layout: pads after EOS, EOS included in the mask
     assert torch.all(a.responses[a.response_mask == 0] == rollout.pad_id)
+    ended = a.response_mask.sum(-1) < 20
+    last = a.responses[torch.arange(12), a.response_mask.sum(-1) - 1]
+    assert all(int(t) in rollout.eos_ids for t in last[ended])
     with torch.no_grad():
-        logits = rollout.model(input_ids=a.input_ids, attention_mask=a.attention_mask,
-                               position_ids=a.position_ids).logits
+        logits = rollout.engine.model(input_ids=a.input_ids, attention_mask=a.attention_mask,
+                                      position_ids=a.position_ids).logits
     width = a.prompts.shape[1]
     full = torch.log_softmax(logits[:, width - 1:-1].float(), -1).gather(-1, a.responses.unsqueeze(-1)).squeeze(-1)
     diff = ((full - a.rollout_log_probs) * a.response_mask).abs().max().item()
     assert diff < 1e-4
 
 
+def test_deterministic_rollout_samples_each_prompt_alone(rollout_config):
+    """full_determinism: a prompt's samples depend on its ids, occurrence and the weight version
+    only (the verl path's server seeds them the same way), not on the other prompts of the batch."""
+    det = _rollout(rollout_config, **{"rollout.full_determinism": True})
+    one, two, three = _sums_prompt_ids(det, [(1, 2), (7, 8), (3, 3)])
+    together = det.generate([one, two], n=2, step=5)
+    alone = det.generate([two], n=2, step=5)
+    width = alone.response_mask.sum(-1).max()
+    assert torch.equal(together.responses[2:, :width], alone.responses[:, :width])
+    assert torch.equal(together.response_mask[2:], alone.response_mask)
+    assert not torch.equal(det.generate([three, two], n=2, step=6).responses[2:], together.responses[2:])
+
+
 def test_rollout_load_weights_checks_names_and_shapes(rollout):
-    state = {k: v.clone() for k, v in rollout.model.state_dict().items()}
+    model = rollout.engine.model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     name = "model.norm.weight"
     assert rollout.load_weights([(name, torch.full_like(state[name], 0.5))]) == 1
-    assert torch.all(rollout.model.get_parameter(name) == 0.5)
+    assert torch.all(model.get_parameter(name) == 0.5)
     rollout.load_weights([(name, state[name])])
-    with pytest.raises(KeyError, match="no parameter 'model.bogus'"):
+    with pytest.raises(KeyError, match="no weight 'model.bogus'"):
         rollout.load_weights([("model.bogus", torch.zeros(1))])
-    with pytest.raises(ValueError, match="bridge shape"):
+    with pytest.raises(ValueError, match="has shape"):
         rollout.load_weights([(name, torch.zeros(3))])
 
 

@@ -504,7 +504,7 @@ from megatron.core.optimizer import clip_grads
 from megatron.core.transformer.enums import ModelType
 from grail_megatron.megatron import cpu_support
 from grail_megatron.workers.cpu_worker import CpuTrainingWorker
-from grail_megatron.workers.trainer import GrailRefWorker, _prepare_engine_process
+from grail_megatron.workers.trainer import GrailRefWorker, prepare_engine_process
 from verl.workers.engine_workers import TrainingWorker
 
 out = {"plugins": "grail_megatron.workers.plugins" in sys.modules, "after_import": cpu_support.active(),
@@ -514,12 +514,12 @@ out["untouched"] = originals == (torch.Tensor.type, torch.cuda.current_device, t
 out["clip_grad_untouched"] = clip_grads.clip_grad_by_total_norm_fp32.__module__ == clip_grads.__name__
 out["function_modes"] = torch._C._len_torch_function_stack()
 worker = object.__new__(GrailRefWorker)
-_prepare_engine_process(worker)
+prepare_engine_process(worker)
 out["mbridge_alias"] = hasattr(ModelType, "encoder_and_decoder")  # needed on every device
 out["active_after_worker"] = cpu_support.active()
 out["worker_cls"] = [worker.ref_worker_cls is TrainingWorker, worker.actor_worker_cls is TrainingWorker]
 os.environ["VERL_PLATFORM"] = "cpu"
-_prepare_engine_process(worker)
+prepare_engine_process(worker)
 out["cpu_worker_cls"] = worker.ref_worker_cls is CpuTrainingWorker
 print("RESULT " + json.dumps(out))
 """

@@ -1,0 +1,80 @@
+"""One actor: `train --local` and the verl path run the same steps and share checkpoints.
+
+The local loop builds verl's own workers and Megatron engine in each torchrun rank (no Ray),
+samples with the verl path's HF engine and seeds (`rollout.full_determinism=true`), takes the
+prompts in verl's sampler order and scores with the same reward. So, with the config of the
+shared `tp2_run` (3 steps at TP2 from the converted dist checkpoint, checkpoints at 2 and 3):
+
+(a) the local loop's steps 1-3 equal the verl path's: score and response lengths exactly,
+    entropy / pg_loss / grad_norm within the bounds of a rerun of the verl path itself
+    (test_verl_resume.BOUNDS: the rows reach Megatron in another order, bf16 reductions);
+(b) a `--local` run resumes from the verl path's step-2 checkpoint and its step 3 equals the
+    verl path's step 3;
+(c) the verl path resumes from the local run's step-2 checkpoint and its step 3 equals it too.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from test_verl_resume import assert_same_step
+from verl_testlib import TP2_SAVE_FREQ, TP2_STEPS, latest_step, tp2_overrides, train
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
+
+
+def tensorboard_metrics(tmp: Path) -> dict[int, dict[str, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps: dict[int, dict[str, float]] = {}
+    for events_dir in {p.parent for p in (tmp / "tensorboard").rglob("events.out.tfevents.*")}:
+        events = EventAccumulator(str(events_dir))
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            for event in events.Scalars(tag):
+                steps.setdefault(event.step, {})[tag] = event.value
+    return steps
+
+
+def train_local(tmp: Path, overrides: list[str]):
+    run = train(tmp, ["--local", *overrides]).check()
+    run.metrics = tensorboard_metrics(tmp)
+    return run
+
+
+def copy_step(source: Path, target: Path, step: int) -> None:
+    shutil.copytree(source / f"global_step_{step}", target / f"global_step_{step}")
+    (target / "latest_checkpointed_iteration.txt").write_text(str(step))
+
+
+@pytest.fixture(scope="module")
+def local_tp2_run(sums, mcore_init, tmp_path_factory):
+    return train_local(tmp_path_factory.mktemp("local_tp2"), tp2_overrides(sums, mcore_init))
+
+
+def test_local_loop_steps_equal_the_verl_paths(local_tp2_run, tp2_run):
+    assert sorted(s for s in local_tp2_run.metrics if s > 0) == list(range(1, TP2_STEPS + 1))
+    for step in range(1, TP2_STEPS + 1):
+        assert_same_step(local_tp2_run.metrics[step], tp2_run.metrics[step], f"local step {step} vs verl")
+    # the same layout on disk: verl's step directories and tracker
+    assert latest_step(local_tp2_run.out) == TP2_STEPS
+    for step in (TP2_SAVE_FREQ, TP2_STEPS):
+        assert (local_tp2_run.out / f"global_step_{step}" / "actor" / "ckpt_contents.json").is_file()
+
+
+def test_local_loop_resumes_from_a_verl_path_checkpoint(tp2_run, sums, mcore_init, tmp_path):
+    copy_step(tp2_run.out, tmp_path / "ckpt", TP2_SAVE_FREQ)
+    run = train_local(tmp_path, tp2_overrides(sums, mcore_init, "trainer.resume_mode=auto"))
+    assert f"(step {TP2_SAVE_FREQ})" in run.log
+    assert sorted(s for s in run.metrics if s > 0) == [TP2_STEPS]
+    assert_same_step(run.metrics[TP2_STEPS], tp2_run.metrics[TP2_STEPS], "local resumed from verl")
+
+
+def test_verl_path_resumes_from_a_local_checkpoint(local_tp2_run, tp2_run, sums, mcore_init, tmp_path):
+    copy_step(local_tp2_run.out, tmp_path / "ckpt", TP2_SAVE_FREQ)
+    run = train(tmp_path, tp2_overrides(sums, mcore_init, "trainer.resume_mode=auto")).check()
+    assert sorted(run.metrics) == [TP2_STEPS], run.log[-3000:]
+    assert_same_step(run.metrics[TP2_STEPS], tp2_run.metrics[TP2_STEPS], "verl resumed from local")
+

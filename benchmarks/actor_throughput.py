@@ -1,26 +1,35 @@
-"""Throughput of the Megatron actor's update: tokens/s and model FLOPs utilisation (MFU).
+"""Throughput of the actor's GRPO update on verl's Megatron engine: tokens/s and model FLOPs
+utilisation (MFU).
 
     python benchmarks/actor_throughput.py                       # GPU: Qwen2.5-1.5B shape, bf16, seq 2048
-    python benchmarks/actor_throughput.py --preset tiny --device cpu --dtype fp32 --seq 64 --batch 2 --steps 2
+    python benchmarks/actor_throughput.py --preset tiny --device cpu --seq 64 --batch 2 --steps 2
 
 A random-init model with the shape of `configs/model_preset/<preset>.yaml` (no weights are
-downloaded) is built by `grail_megatron.megatron.bridge.Bridge` and trained by
-`grail_megatron.megatron.actor.MegatronActor.update_policy` - the actor's GRPO update: forward,
+downloaded) is saved as a Hugging Face folder (`grail_megatron.models.tiny.make_tiny_model`, bf16)
+and trained by verl 0.9.1's own worker and Megatron engine in this process, one rank, as the
+local loop drives them: `grail_megatron.local.policy.LocalPolicy.update_actor` - verl's
+`ActorRolloutRefWorker.update_actor` (mbridge-built `MegatronEngineWithLMHead`): forward, verl's
 clipped policy loss, backward and one Megatron optimizer step (Adam, fp32 main weights, gradient
 clipping) per `--batch` sequences of `--seq` tokens (half prompt, half response), in micro
-batches of `--micro-batch`. `--warmup` steps are run first and not timed.
+batches of `--micro-batch`. The config is our composition (`model_preset=<preset>`, plus
+`cluster=cpu` on the CPU). Old log-probs come from one verl old-log-prob pass first (ratio 1, as
+in GRPO's first update of a batch); that pass and `--warmup` updates are not timed. verl's engine
+keeps its parameters in bf16 (its McoreEngineConfig accepts bf16/fp16 only), so the CPU harness
+runs bf16 as well.
 
 Model FLOPs per token (forward + backward = 3 x forward; activation recomputation not counted,
 as MFU is defined): 6 x (matmul parameters: attention projections, MLP and the LM head)
 + 6 x layers x hidden x seq (causal attention scores and values). MFU = model FLOPs/s divided
 by the GPU's dense bf16 peak (table below, from NVIDIA's data sheets; `--peak-tflops` or
 GRAIL_GPU_PEAK_TFLOPS for another GPU). Prints one `PASS throughput: ...` line (or
-`PASS throughput_harness: ...` on CPU, where no peak applies) and writes --json.
+`PASS throughput_harness: ...` on CPU, where no peak applies) and writes --json (which also
+holds verl's own `perf/mfu/actor` estimate, from its FLOPs counter, as `verl_mfu`).
 On a GPU with less than 32 GiB the 1.5B update does not fit: `SKIP throughput` (exit 77).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import socket
@@ -41,6 +50,10 @@ PEAK_BF16_TFLOPS = (
 PRESETS = {"qwen2.5-1.5b": "qwen2.5-1.5b-instruct", "tiny": "tiny"}
 MIN_GPU_GIB = 32
 RECOMPUTE_BELOW_GIB = 70
+# verl's worker environment on the CPU (cluster=cpu exports the same to verl's Ray workers)
+CPU_ENV = {"VERL_PLATFORM": "cpu", "VERL_USE_EXTERNAL_MODULES": "grail_megatron.workers.plugins",
+           "TORCHDYNAMO_DISABLE": "1"}
+OTC = "actor_rollout_ref.actor.megatron.override_transformer_config"
 
 
 def peak_tflops(gpu_name: str, override: float | None) -> float | None:
@@ -72,29 +85,78 @@ def flops_per_token(shape: dict, seq: int) -> float:
     return 6.0 * matmul_params + 6.0 * layers * h * seq
 
 
-def write_hf_config(shape: dict, out: Path) -> None:
-    from transformers import Qwen2Config
+def make_model(shape: dict, out: Path, device: str = "cpu") -> Path:
+    """A random-init Qwen2 of `shape` in bf16 as an HF folder (with a small local tokenizer).
+    The weights are initialised on `device`: on a GPU the 1.5B shape's random init takes a
+    moment instead of a minute or two of one CPU thread (the self-test sets OMP_NUM_THREADS=1)."""
+    import torch
 
-    Qwen2Config(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
-                intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_layers"],
-                num_attention_heads=shape["num_attention_heads"], num_key_value_heads=shape["num_key_value_heads"],
-                tie_word_embeddings=shape["tie_word_embeddings"],
-                max_position_embeddings=shape["max_position_embeddings"], rope_theta=1_000_000.0,
-                rms_norm_eps=1e-6).save_pretrained(out)
+    from grail_megatron.models.tiny import make_tiny_model, train_tokenizer
+
+    train_tokenizer([f"What is {a} + {b}? {a + b}" for a in range(10) for b in range(10)], out / "tok")
+    with torch.device(device):
+        path = make_tiny_model(out / "model", tokenizer_dir=out / "tok", hidden=shape["hidden_size"],
+                               layers=shape["num_layers"], heads=shape["num_attention_heads"],
+                               kv_heads=shape["num_key_value_heads"], intermediate=shape["intermediate_size"],
+                               tie_word_embeddings=shape["tie_word_embeddings"], vocab_size=shape["vocab_size"],
+                               dtype="bfloat16")
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()  # peak_memory_gib: the engine's alone
+    config = json.loads((path / "config.json").read_text())  # the preset's context length, too
+    config["max_position_embeddings"] = shape["max_position_embeddings"]
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return path
 
 
-def kernel_overrides(gpu: bool) -> dict:
-    """Fused kernels switched off where their extension is not installed (a bare torch node)."""
-    import importlib.util
+def have_te() -> bool:
+    """Transformer Engine's layer spec is what mbridge builds on a GPU with TE (our bridge classes
+    pick Megatron's local spec otherwise)."""
+    import torch
 
+    if not torch.cuda.is_available():
+        return False
+    from megatron.core.models.gpt.gpt_layer_specs import HAVE_TE
+
+    return bool(HAVE_TE)
+
+
+def kernel_overrides(gpu: bool, te: bool) -> list[str]:
+    """On a GPU, the fused paths whose kernels are missing switched off (a bare torch node), as
+    scripts/gpu_selftest.sh's bare GRPO run does; on the CPU, cluster=cpu has them all off."""
     if not gpu:
-        return {}
-    extra = {}
-    if importlib.util.find_spec("scaled_masked_softmax_cuda") is None:
-        extra["masked_softmax_fusion"] = False
+        return []
+    extra = []
+    if not te:  # local layer spec: padded batches, Megatron's attention
+        extra += ["actor_rollout_ref.model.use_remove_padding=false", f"++{OTC}.attention_backend=local",
+                  f"++{OTC}.apply_rope_fusion=false"]
     if importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is None:
-        extra["gradient_accumulation_fusion"] = False
+        extra += [f"++{OTC}.gradient_accumulation_fusion=false", f"++{OTC}.persist_layer_norm=false"]
+    if importlib.util.find_spec("scaled_masked_softmax_cuda") is None:
+        extra.append(f"++{OTC}.masked_softmax_fusion=false")
     return extra
+
+
+def overrides(args, model_dir: Path, recompute: bool, te: bool) -> list[str]:
+    gpu = args.device == "cuda"
+    recompute_keys = ("full", "uniform", 1) if recompute else ("null", "null", "null")
+    return [f"model_preset={PRESETS[args.preset]}", *([] if gpu else ["cluster=cpu"]),
+            f"actor_rollout_ref.model.path={model_dir}",
+            "actor_rollout_ref.rollout.n=1",
+            f"actor_rollout_ref.actor.ppo_mini_batch_size={args.batch}",
+            f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={args.micro_batch}",
+            f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={args.micro_batch}",
+            "actor_rollout_ref.actor.ppo_epochs=1",
+            "actor_rollout_ref.actor.optim.lr=1e-6",
+            "actor_rollout_ref.actor.optim.lr_warmup_steps=0",
+            "actor_rollout_ref.actor.megatron.tensor_model_parallel_size=1",
+            "actor_rollout_ref.actor.megatron.pipeline_model_parallel_size=1",
+            "actor_rollout_ref.actor.megatron.use_dist_checkpointing=false",  # the HF folder's weights
+            "actor_rollout_ref.actor.megatron.dtype=bfloat16",
+            f"{OTC}.recompute_granularity={recompute_keys[0]}",
+            f"{OTC}.recompute_method={recompute_keys[1]}",
+            f"{OTC}.recompute_num_layers={recompute_keys[2]}",
+            *kernel_overrides(gpu, te)]
 
 
 def random_batch(batch: int, seq: int, vocab: int):
@@ -106,34 +168,35 @@ def random_batch(batch: int, seq: int, vocab: int):
     return {
         "input_ids": input_ids,
         "attention_mask": torch.ones(batch, seq, dtype=torch.long),
-        "responses": input_ids[:, -response:],
+        "position_ids": torch.arange(seq).expand(batch, seq).clone(),
+        "prompts": input_ids[:, :-response].clone(),
+        "responses": input_ids[:, -response:].clone(),
         "response_mask": torch.ones(batch, response, dtype=torch.long),
-        "old_log_probs": torch.full((batch, response), -5.0),
         "advantages": torch.randn(batch, response, generator=g),
     }
 
 
-def init_single_rank() -> None:
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+def init_single_rank(gpu: bool) -> None:
+    """One torch.distributed rank (verl's worker initialises the group from these), and on the
+    CPU verl's CPU platform and our plugins, set before verl is imported."""
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    os.environ.setdefault("VERL_LOGGING_LEVEL", "WARN")
+    os.environ.setdefault("VERL_USE_EXTERNAL_MODULES", CPU_ENV["VERL_USE_EXTERNAL_MODULES"])
+    if not gpu:
+        os.environ.update(CPU_ENV)
 
 
 def run(args) -> dict:
     import torch
 
-    from grail_megatron.megatron import parallel
-    from grail_megatron.megatron.actor import ActorConfig, MegatronActor
-    from grail_megatron.megatron.bridge import Bridge, BridgeConfig
-
     gpu = args.device == "cuda"
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     shape = model_shape(args.preset)
     facts = {"preset": PRESETS[args.preset], "shape": shape, "dtype": args.dtype, "seq": args.seq,
-             "batch": args.batch, "micro_batch": args.micro_batch, "steps": args.steps, "device": args.device}
+             "batch": args.batch, "micro_batch": args.micro_batch, "steps": args.steps, "device": args.device,
+             "engine": "verl MegatronEngineWithLMHead (LocalPolicy.update_actor)"}
     memory_gib = None
     if gpu:
         props = torch.cuda.get_device_properties(0)
@@ -141,40 +204,51 @@ def run(args) -> dict:
         facts.update(gpu=torch.cuda.get_device_name(0), gpu_memory_gib=round(memory_gib, 1))
     recompute = {"on": True, "off": False}.get(args.recompute, bool(memory_gib and memory_gib < RECOMPUTE_BELOW_GIB))
     facts["recompute"] = recompute
-    init_single_rank()
-    parallel.initialize(tp=1, pp=1, seed=0)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            write_hf_config(shape, Path(tmp))
-            have_te = gpu and __import__("importlib").util.find_spec("transformer_engine") is not None
-            config = BridgeConfig(dtype=dtype, use_te=have_te, sequence_parallel=False, recompute=recompute,
-                                  extra=kernel_overrides(gpu))
-            bridge = Bridge.from_pretrained(tmp, config)
-        facts["layer_spec"] = "transformer_engine" if have_te else "local"
-        models = bridge.build_models(wrap_with_ddp=True)  # random init, as Megatron initialises
-        params = sum(p.numel() for m in models for p in m.parameters())
-        actor = MegatronActor(bridge, models, ActorConfig(lr=1e-6, ppo_mini_batch_size=args.batch,
-                                                          ppo_micro_batch_size_per_gpu=args.micro_batch,
-                                                          bridge=config), trainable=True)
-        batch = random_batch(args.batch, args.seq, shape["vocab_size"])
-        sync = torch.cuda.synchronize if gpu else (lambda: None)
-        for _ in range(args.warmup):
-            actor.update_policy(batch)
-        sync()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            metrics = actor.update_policy(batch)
-        sync()
-        elapsed = time.perf_counter() - start
-        if gpu:
-            facts["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
-    finally:
-        parallel.destroy()
+    init_single_rank(gpu)
+    # first, as in the local loop's ranks: verl imports our plugins (CPU platform, HF rollout,
+    # mbridge compatibility) before anything else imports them
+    import verl  # noqa: F401
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from grail_megatron.config import compose
+    from grail_megatron.local.policy import LocalPolicy
+
+    te = have_te()
+    facts["layer_spec"] = "transformer_engine" if te else "local"
+    with tempfile.TemporaryDirectory(prefix="grail-throughput-") as tmp:
+        model_dir = make_model(shape, Path(tmp), args.device)
+        cfg = compose(overrides(args, model_dir, recompute, te))
+        facts["remove_padding"] = bool(cfg.actor_rollout_ref.model.use_remove_padding)
+        try:
+            policy = LocalPolicy(cfg, total_training_steps=args.warmup + args.steps + 1)
+            engine = policy.actor.actor.engine
+            params = sum(p.numel() for m in engine.module for p in m.parameters())
+            batch = random_batch(args.batch, args.seq, shape["vocab_size"])
+            batch["old_log_probs"] = policy.compute_log_prob(batch)["log_probs"]  # ratio 1 at the first update
+            sync = torch.cuda.synchronize if gpu else (lambda: None)
+            for _ in range(args.warmup):
+                policy.update_actor(batch)
+            sync()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                metrics = policy.update_actor(batch)
+            sync()
+            elapsed = time.perf_counter() - start
+            if gpu:
+                facts["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+        finally:
+            if parallel_state.model_parallel_is_initialized():
+                parallel_state.destroy_model_parallel()
+            if dist.is_initialized():
+                dist.destroy_process_group()
     tokens = args.batch * args.seq * args.steps
     per_token = flops_per_token(shape, args.seq)
+    verl_mfu = metrics.get("perf/mfu/actor")
     facts.update(params=params, seconds=round(elapsed, 3), tokens_per_s=tokens / elapsed,
                  model_tflops_per_s=per_token * tokens / elapsed / 1e12, flops_per_token=per_token,
-                 grad_norm=metrics.get("actor/grad_norm"), pg_loss=metrics.get("actor/pg_loss"))
+                 grad_norm=metrics.get("actor/grad_norm"), pg_loss=metrics.get("actor/pg_loss"),
+                 verl_mfu=verl_mfu if gpu and verl_mfu is not None and verl_mfu == verl_mfu else None)
     peak = peak_tflops(facts.get("gpu", ""), args.peak_tflops) if gpu else None
     facts["peak_tflops"] = peak
     facts["mfu"] = facts["model_tflops_per_s"] / peak if peak else None
@@ -186,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="qwen2.5-1.5b")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--dtype", choices=["bf16"], default="bf16",
+                        help="parameter dtype: bf16 only (verl's Megatron engine keeps bf16/fp16 parameters; "
+                             "fp32 main weights in the optimizer)")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=8, help="sequences per optimizer step")
     parser.add_argument("--micro-batch", type=int, default=1)
@@ -197,6 +273,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.seq < 2 or args.seq % 2:
+        parser.error("--seq must be an even number >= 2 (half prompt, half response)")
+    if args.batch % args.micro_batch:
+        parser.error("--batch must be a multiple of --micro-batch")
+    import warnings
+
+    from grail_megatron.quiet import quiet_third_party
+
+    # as in the local loop's ranks: the import-time TE/Apex notices of megatron-core and mbridge
+    for module in (r"megatron\..*", r"mbridge\..*"):
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+    quiet_third_party(summary=False)
     import torch
 
     if args.device == "cuda":
@@ -208,8 +296,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"SKIP throughput: {torch.cuda.get_device_name(0)} has {gib:.0f} GiB; the 1.5B update "
                   f"needs about {MIN_GPU_GIB} GiB", flush=True)
             return SKIPPED
-    elif args.dtype == "bf16":
-        parser.error("--device cpu trains in fp32 only (Megatron's bf16 optimizer needs CUDA): add --dtype fp32")
     facts = run(args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -220,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     where = facts.get("gpu") or "CPU"
     print(f"PASS {name}: {where}: {facts['preset']} shape ({facts['params'] / 1e9:.3g}B params, random init), "
           f"{args.dtype}, seq {args.seq}, {args.batch} seq/step: {facts['tokens_per_s']:,.0f} tokens/s, "
-          f"{facts['model_tflops_per_s']:.3g} model TFLOPS/s, {mfu}; recompute {'on' if facts['recompute'] else 'off'}, "
-          f"{facts['layer_spec']} spec", flush=True)
+          f"{facts['model_tflops_per_s']:.3g} model TFLOPS/s, {mfu}; verl's engine (LocalPolicy.update_actor), "
+          f"recompute {'on' if facts['recompute'] else 'off'}, {facts['layer_spec']} spec", flush=True)
     return 0
 
 

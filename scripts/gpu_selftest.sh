@@ -40,9 +40,9 @@
 #   grpo_2_steps_no_dist_optim   the same with use_distributed_optimizer=false
 #   convert_to_hf   the GPU-written step-2 checkpoint converted to HF on the CPU, with --verify
 #   hf_export       the converted folder loads in transformers (and generates with vLLM if present)
-#   throughput      the actor's update of a random-init Qwen2.5-1.5B-shaped model, bf16, seq 2048:
-#                   tokens/s and model FLOPs utilisation against the GPU's peak
-#                   (benchmarks/actor_throughput.py)
+#   throughput      the actor's update on verl's Megatron engine (LocalPolicy.update_actor) of a
+#                   random-init Qwen2.5-1.5B-shaped model, bf16, seq 2048: tokens/s and model
+#                   FLOPs utilisation against the GPU's peak (benchmarks/actor_throughput.py)
 #   time_budget     the bare run took at most GRAIL_SELFTEST_BUDGET_S (600) seconds
 #
 # The GPU part is verified by users on GPU nodes, not in CI (CI has no GPU). `--cpu` runs the
@@ -317,9 +317,9 @@ check_install() {
 
 check_throughput() {
   if [ "${CPU}" = 1 ]; then
-    "${PY}" "${ROOT}/benchmarks/actor_throughput.py" --preset tiny --device cpu --dtype fp32 --seq 64 --batch 2 \
+    "${PY}" "${ROOT}/benchmarks/actor_throughput.py" --preset tiny --device cpu --seq 64 --batch 2 \
       --steps 2 --json "${RESULTS}/throughput_harness.json" || return 1
-    echo "SKIP throughput: no GPU (--cpu); the same code ran on the tiny model on the CPU"
+    echo "SKIP throughput: no GPU (--cpu); the same code (verl's engine, bf16) ran on the tiny model on the CPU"
     return "${SKIPPED_RC}"
   fi
   "${PY}" "${ROOT}/benchmarks/actor_throughput.py" --json "${RESULTS}/throughput.json"

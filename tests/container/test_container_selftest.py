@@ -349,6 +349,10 @@ def test_bare_cpu_mode_reports_every_check(bare_run):
         assert re.search(rf"^  PASS {sub}: ", done.stdout, flags=re.M), sub
     for sub in ("cuda", "nccl", "bf16", "transformer_engine", "apex", "flash_attn", "vllm"):
         assert re.search(rf"^  SKIP {sub}: ", done.stdout, flags=re.M), sub
+    # the benchmark's CPU mode on verl's engine: one line with the figures of its bf16 run
+    assert re.search(r"^  PASS throughput_harness: CPU: tiny shape \(0\.000338B params, random init\), bf16, seq 64, "
+                     r"2 seq/step: [\d,]+ tokens/s, .*verl's engine \(LocalPolicy\.update_actor\), recompute off, "
+                     r"local spec$", done.stdout, flags=re.M), done.stdout
     assert done.stdout.rstrip().endswith("6 passed, 0 failed, 7 skipped")
 
 
@@ -375,6 +379,13 @@ def test_bare_cpu_mode_writes_the_json_report(bare_run):
     assert harness["tokens_per_s"] > 0 and harness["mfu"] is None and harness["device"] == "cpu"
     throughput = load_throughput()
     assert harness["flops_per_token"] == throughput.flops_per_token(harness["shape"], harness["seq"])
+    # verl's engine in bf16 trained the tiny preset's shape (2 layers, hidden 128, vocab 324, tied:
+    # 337,536 parameters) with one optimizer step per 2 x 64 tokens; the loss and gradient are real
+    assert harness["engine"].startswith("verl ") and harness["dtype"] == "bf16" and harness["steps"] == 2
+    assert harness["shape"] == throughput.model_shape("tiny") and harness["params"] == 337_536
+    assert harness["grad_norm"] > 0 and abs(harness["pg_loss"]) < 10 and harness["seconds"] > 0
+    assert harness["tokens_per_s"] == pytest.approx(2 * 64 * 2 / harness["seconds"], rel=1e-2)
+    assert harness["layer_spec"] == "local" and harness["recompute"] is False and harness["remove_padding"] is False
 
 
 @pytest.mark.multiproc
@@ -416,6 +427,31 @@ def test_throughput_flops_and_peaks():
     assert bench.peak_tflops("NVIDIA L40S", None) == 362.1
     assert bench.peak_tflops("Some Future GPU", None) is None
     assert bench.peak_tflops("Some Future GPU", 123.0) == 123.0
+
+
+def test_throughput_runs_bf16_only_and_composes_the_gpu_config():
+    """verl's engine keeps bf16/fp16 parameters: --dtype fp32 is refused before anything is built.
+    The GPU run's overrides compose: the 1.5B preset at TP1 from the HF folder (no dist
+    checkpoint), recompute as asked, and the kernel-free settings where TE/Apex are absent."""
+    from omegaconf import OmegaConf
+
+    from grail_megatron.config import compose
+
+    bench = load_throughput()
+    with pytest.raises(SystemExit) as refused:
+        bench.main(["--device", "cpu", "--preset", "tiny", "--dtype", "fp32"])
+    assert refused.value.code == 2
+    args = bench.argparse.Namespace(preset="qwen2.5-1.5b", device="cuda", batch=8, micro_batch=1)
+    for te, recompute in ((False, True), (True, False)):
+        cfg = compose(bench.overrides(args, Path("/m"), recompute, te))
+        arr = cfg.actor_rollout_ref
+        otc = OmegaConf.to_container(arr.actor.megatron.override_transformer_config)
+        assert cfg.grail.model.name == "qwen2.5-1.5b-instruct" and arr.model.path == "/m"
+        assert arr.actor.megatron.tensor_model_parallel_size == 1 and arr.actor.megatron.dtype == "bfloat16"
+        assert arr.actor.megatron.use_dist_checkpointing is False and arr.rollout.n == 1
+        assert (arr.actor.ppo_mini_batch_size, arr.actor.ppo_micro_batch_size_per_gpu) == (8, 1)
+        assert otc["recompute_granularity"] == ("full" if recompute else None)
+        assert arr.model.use_remove_padding is te and (otc["attention_backend"] == "local") is not te
 
 
 def test_cuda_vs_cpu_comparison_detects_each_kind_of_difference():

@@ -1,8 +1,11 @@
-"""Checkpoints in verl's Megatron layout, and conversion to/from Hugging Face.
+"""Checkpoints in verl's Megatron layout: the converter's, step verification, conversion to/from HF.
+
+Training checkpoints are written and loaded by verl's own checkpoint manager (verl path and
+`train --local`); this package writes the converter's checkpoints (`convert from-hf` /
+`reshard`: weights, no optimizer state), verifies steps and converts to Hugging Face.
 
 Public API (imported lazily so `import grail_megatron.checkpoint` stays cheap):
-    save_checkpoint(root, step, models, optimizer, ...)   collective, atomic
-    load_checkpoint(root, models, optimizer, ...)         collective, newest complete step
+    save_checkpoint(root, step, models, ...)              collective, atomic (the converter's writer)
     latest_complete_step(root) -> int | None
     verify_step(step_dir)                                 raises CheckpointError
     CheckpointError, IncompleteCheckpointError, UnsupportedModelError
@@ -16,8 +19,6 @@ from .manifest import latest_complete_step, verify_step
 
 _LAZY = {
     "save_checkpoint": "store",
-    "load_checkpoint": "store",
-    "LoadedCheckpoint": "store",
 }
 
 __all__ = [

@@ -3,14 +3,14 @@
     <root>/latest_checkpointed_iteration.txt      tracker: the newest step (verl's file)
     <root>/global_step_<N>/
         grail_checkpoint.json                     our completion marker: file list + sizes (+ sha256)
-        trainer_state.json                        step, metrics, layout, free-form trainer state
+        trainer_state.json                        the converter's: step, layout, free-form state
         data.pt                                   dataloader state_dict (verl writes it here too)
         actor/
             ckpt_contents.json                    verl's manifest (schema_version 2)
             transformer_config.json               mcore TransformerConfig as JSON (verl)
             model/dist_ckpt/                      megatron dist_checkpointing, torch_dist: "model" / "model<i>"
             model/huggingface/                    HF config.json, generation_config.json, tokenizer
-            optimizer/dist_ckpt/                  "optimizer" (+ "lr_scheduler")
+            optimizer/dist_ckpt/                  verl's training steps only: "optimizer" (+ "lr_scheduler")
             extra/dist_ckpt/                      "rng_state" ShardedObject, (pp, tp) sharded, as verl
 
 verl 0.9.1 refuses the older v1 layout (``actor/dist_ckpt``, ``actor/huggingface``) on resume;
@@ -63,10 +63,8 @@ class ActorPaths:
 
     actor: Path
     model_dist: Path
-    optimizer_dist: Path
     extra_dist: Path
     huggingface: Path
-    legacy: bool = False
 
     @classmethod
     def v2(cls, actor_dir: str | os.PathLike) -> "ActorPaths":
@@ -74,7 +72,6 @@ class ActorPaths:
         return cls(
             actor=actor,
             model_dist=actor / "model" / "dist_ckpt",
-            optimizer_dist=actor / "optimizer" / "dist_ckpt",
             extra_dist=actor / "extra" / "dist_ckpt",
             huggingface=actor / "model" / "huggingface",
         )
@@ -90,10 +87,8 @@ class ActorPaths:
             return cls(
                 actor=actor,
                 model_dist=actor / "dist_ckpt",
-                optimizer_dist=actor / "dist_ckpt",
                 extra_dist=actor / "dist_ckpt",
                 huggingface=actor / "huggingface",
-                legacy=True,
             )
         return paths
 

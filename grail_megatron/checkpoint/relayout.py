@@ -3,7 +3,8 @@
 Both are collective functions for TP*PP ranks (the CLI starts them with torchrun): each rank
 builds its model chunks at the target layout through the Bridge, fills them (from HF
 safetensors, or from the source dist checkpoint, which dist_checkpointing reshards), and the
-ranks save together with `save_checkpoint`. Memory: the model once, spread over the ranks.
+ranks save together with `save_checkpoint` (weights, RNG, trainer state; no optimizer state).
+Memory: the model once, spread over the ranks.
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ def from_hf(job: RelayoutJob) -> Path:
 def reshard(job: RelayoutJob) -> Path:
     """Collective: dist checkpoint (any layout) -> same step at TP/PP, model weights + trainer state.
 
-    The optimizer state is not carried over (its layout depends on the optimizer class);
-    dist_checkpointing reshards it at resume time when only TP/PP change.
+    The optimizer state is not carried over (`save_checkpoint` writes none, its layout depends on
+    the optimizer class): verl's trainer starts from the output with a fresh optimizer.
     """
     from transformers import AutoConfig
 

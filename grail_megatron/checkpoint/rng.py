@@ -1,16 +1,13 @@
 """RNG state in verl's format: a ShardedObject "rng_state" sharded over (pp, tp), one per DP group.
 
 Each rank stores [{random_rng_state, np_rng_state, torch_rng_state, rng_tracker_states,
-(cuda_rng_state)}], exactly as verl's MegatronCheckpointManager, so verl can resume from our
-checkpoints and we from verl's.
+(cuda_rng_state)}], exactly as verl's MegatronCheckpointManager, so a step written by
+`save_checkpoint` has the `extra` (RNG) contents its verl manifest lists.
 """
 
 from __future__ import annotations
 
-import logging
 import random
-
-logger = logging.getLogger(__name__)
 
 
 def collect_rng_state() -> dict:
@@ -41,18 +38,3 @@ def sharded_rng_state():
         (mpu.get_pipeline_model_parallel_rank(), mpu.get_tensor_model_parallel_rank()),
         replica_id=mpu.get_data_parallel_rank(with_context_parallel=True),
     )
-
-
-def restore_rng_state(states: list[dict]) -> None:
-    import numpy as np
-    import torch
-    from megatron.core import tensor_parallel
-
-    state = states[0]
-    random.setstate(state["random_rng_state"])
-    np.random.set_state(state["np_rng_state"])
-    torch.set_rng_state(state["torch_rng_state"])
-    if torch.cuda.is_available() and "cuda_rng_state" in state:
-        torch.cuda.set_rng_state(state["cuda_rng_state"])
-    if state.get("rng_tracker_states"):
-        tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])

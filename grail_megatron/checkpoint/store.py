@@ -1,11 +1,15 @@
-"""Save and load training checkpoints (model chunks, optimizer, RNG, trainer state) atomically.
+"""Write the converter's checkpoints atomically, and load model weights at any TP/PP.
 
-Every rank calls `save_checkpoint` / `load_checkpoint` (they are collective). The payload is
-written with megatron-core `dist_checkpointing` (torch_dist) in verl 0.9.1's directory layout
-(see `layout.py`), into `<root>/.incomplete.global_step_<N>`; rank 0 then fsyncs, writes the
+`convert from-hf` and `convert reshard` (relayout.py) call `save_checkpoint` on every rank (it
+is collective): model weights and RNG state are written with megatron-core
+`dist_checkpointing` (torch_dist) in verl 0.9.1's directory layout (see `layout.py`), without
+optimizer state, into `<root>/.incomplete.global_step_<N>`; rank 0 then fsyncs, writes the
 completion marker, renames the directory to `global_step_<N>` and only then updates
 `latest_checkpointed_iteration.txt`. A crash at any point leaves either the previous complete
-step or the new one, never a directory that looks finished but is not.
+step or the new one, never a directory that looks finished but is not. verl's trainer starts
+from such a step (`dist_checkpointing_path`); training checkpoints themselves are written and
+loaded by verl's checkpoint manager on both paths. `load_model_weights` reads the weights of
+a dist checkpoint saved at any TP/PP into this rank's chunks (reshard, `--verify`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,25 +33,12 @@ from .layout import (
     TRANSFORMER_CONFIG_FILE,
     VERL_MANIFEST_FILE,
     ActorPaths,
-    list_step_dirs,
     step_dir,
     temp_step_dir,
 )
-from .manifest import latest_complete_step, verify_step, write_marker
+from .manifest import write_marker
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class LoadedCheckpoint:
-    """What `load_checkpoint` restored besides the tensors."""
-
-    step: int
-    path: Path
-    trainer_state: dict = field(default_factory=dict)  # the `extra_state` given to save_checkpoint
-    dataloader_state: Any = None
-    rng_restored: bool = False
-    optimizer_restored: bool = False
 
 
 # ----------------------------------------------------------------------------- distributed helpers
@@ -151,67 +141,6 @@ def add_te_extra_states(model_sd: dict) -> dict:
     return model_sd
 
 
-def _is_megatron_optimizer(optimizer) -> bool:
-    return hasattr(optimizer, "sharded_state_dict")
-
-
-def _init_adam_state(optimizer) -> None:
-    """Give every parameter of a torch Adam/AdamW its (zero) state so shapes exist for loading."""
-    import torch
-
-    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        raise CheckpointError(
-            f"cannot load optimizer state into a fresh {type(optimizer).__name__}: only Adam/AdamW or "
-            "megatron-core optimizers are supported"
-        )
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            state = optimizer.state[param]
-            if state:
-                continue
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            if group.get("amsgrad"):
-                state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-
-
-def optimizer_sharded_state_dict(optimizer, models: Sequence, *, is_loading: bool) -> dict:
-    """Sharded optimizer state keyed by the model's own sharding, so it reshards like the weights."""
-    from itertools import chain
-
-    from megatron.core.dist_checkpointing.optimizer import (
-        get_param_id_to_sharded_param_map,
-        optim_state_to_sharding_state,
-    )
-
-    model_sd = model_sharded_state_dict(models)
-    if _is_megatron_optimizer(optimizer):
-        return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=_sharding_metadata())
-    if is_loading:
-        _init_adam_state(optimizer)
-    state_dict = optimizer.state_dict()
-    params = chain.from_iterable(group["params"] for group in optimizer.param_groups)
-    id_map = get_param_id_to_sharded_param_map(model_sd, params)
-    steps = {float(s["step"]) for s in state_dict["state"].values() if "step" in s}
-    if len(steps) > 1:
-        raise CheckpointError(f"optimizer parameters are at different steps {sorted(steps)}; cannot save one step")
-    optim_state_to_sharding_state(state_dict, id_map, exclude_keys=("step",))
-    if steps:
-        state_dict["state"]["common_step"] = steps.pop()
-    return state_dict
-
-
-def _load_torch_optimizer(optimizer, loaded: dict) -> None:
-    import torch
-
-    common_step = loaded["state"].pop("common_step", None)
-    if common_step is not None:
-        for param_state in loaded["state"].values():
-            param_state["step"] = torch.tensor(float(common_step), dtype=torch.float32)
-    optimizer.load_state_dict(loaded)
-
-
 def _save_strategy():
     from megatron.core import parallel_state as mpu
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
@@ -302,7 +231,7 @@ def _transformer_config_json(models: Sequence) -> dict | None:
     return {f.name: plain(getattr(config, f.name, None)) for f in fields(config) if not callable(getattr(config, f.name, None))}
 
 
-def _verl_manifest(step: int, paths: ActorPaths, has_optimizer: bool, has_hf: bool, world_size: int) -> dict:
+def _verl_manifest(step: int, paths: ActorPaths, has_hf: bool, world_size: int) -> dict:
     """verl's `ckpt_contents.json` (schema v2) so verl's tooling can locate our contents."""
     rel = lambda p: os.path.relpath(p, paths.actor)  # noqa: E731
     contents = {
@@ -310,8 +239,6 @@ def _verl_manifest(step: int, paths: ActorPaths, has_optimizer: bool, has_hf: bo
         "rng_state": {"path": rel(paths.extra_dist), "format": "megatron_dist_checkpoint", "key": "rng_state"},
         "transformer_config": {"path": TRANSFORMER_CONFIG_FILE, "format": "json"},
     }
-    if has_optimizer:
-        contents["optimizer"] = {"path": rel(paths.optimizer_dist), "format": "megatron_dist_checkpoint"}
     if has_hf:
         contents["hf_config"] = {"path": rel(paths.huggingface), "format": "huggingface"}
     return {
@@ -321,18 +248,18 @@ def _verl_manifest(step: int, paths: ActorPaths, has_optimizer: bool, has_hf: bo
         "global_step": int(step),
         "world_size": world_size,
         "backend": {"has_bridge": False, "use_dist_checkpointing": True, "peft": False},
-        "save_contents": ["model", "optimizer", "extra"] if has_optimizer else ["model", "extra"],
+        "save_contents": ["model", "extra"],
         "contents": contents,
         "saved_any_dist_ckpt": True,
         "writer": "grail-megatron",
     }
 
 
-def _prepare_temp_dir(tmp: Path, paths: ActorPaths, with_optimizer: bool) -> None:
+def _prepare_temp_dir(tmp: Path, paths: ActorPaths) -> None:
     if tmp.exists():
         logger.warning("removing leftover incomplete checkpoint %s", tmp)
         shutil.rmtree(tmp)
-    for directory in (paths.model_dist, paths.extra_dist) + ((paths.optimizer_dist,) if with_optimizer else ()):
+    for directory in (paths.model_dist, paths.extra_dist):
         directory.mkdir(parents=True)
 
 
@@ -349,72 +276,52 @@ def _copy_hf_assets(source: Path, target: Path) -> None:
             shutil.copy2(entry, target / entry.name)
 
 
-def _write_rank0_files(step, paths, tmp, hf_config, tokenizer, generation_config, hf_assets_dir, extra_state,
-                       dataloader_state, layout, transformer_config, has_optimizer, world_size) -> None:
+def _write_rank0_files(step, paths, tmp, hf_config, hf_assets_dir, extra_state, dataloader_state, layout,
+                       transformer_config, world_size) -> None:
     import torch
 
     if hf_assets_dir is not None:
         _copy_hf_assets(Path(hf_assets_dir), paths.huggingface)
-    if hf_config is not None or tokenizer is not None:
+    if hf_config is not None:
         paths.huggingface.mkdir(parents=True, exist_ok=True)
-        if hf_config is not None:
-            hf_config.save_pretrained(paths.huggingface)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(paths.huggingface)
-        if generation_config is not None:
-            generation_config.save_pretrained(paths.huggingface)
+        hf_config.save_pretrained(paths.huggingface)
     if transformer_config is not None:
         (paths.actor / TRANSFORMER_CONFIG_FILE).write_text(json.dumps(transformer_config, indent=2))
     if dataloader_state is not None:
         torch.save(dataloader_state, tmp / DATALOADER_FILE)
     trainer_state = {"step": int(step), "layout": layout, "saved_unix": time.time(), "state": extra_state or {}}
     (tmp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2, default=str))
-    manifest = _verl_manifest(step, paths, has_optimizer, paths.huggingface.is_dir(), world_size)
+    manifest = _verl_manifest(step, paths, paths.huggingface.is_dir(), world_size)
     (paths.actor / VERL_MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
 
-def _finalize(root: Path, step: int, tmp: Path, checksums: bool, layout: dict, keep_last: int | None) -> None:
+def _finalize(root: Path, step: int, tmp: Path, layout: dict) -> None:
     fsync_tree(tmp)
-    write_marker(tmp, step, checksums=checksums, info={"layout": layout})
+    write_marker(tmp, step, info={"layout": layout})
     replace_dir(tmp, step_dir(root, step))
     atomic_write_text(root / TRACKER_FILE, str(int(step)))
-    if keep_last:
-        _prune(root, keep_last)
-
-
-def _prune(root: Path, keep_last: int) -> None:
-    steps = sorted(list_step_dirs(root))
-    for old in steps[:-keep_last]:
-        shutil.rmtree(step_dir(root, old), ignore_errors=True)
 
 
 def save_checkpoint(
     root: str | os.PathLike,
     step: int,
     models: Sequence,
-    optimizer=None,
     *,
-    lr_scheduler=None,
     hf_config=None,
-    tokenizer=None,
-    generation_config=None,
     hf_assets_dir: str | os.PathLike | None = None,
     extra_state: dict | None = None,
     dataloader_state: Any = None,
-    checksums: bool = False,
-    keep_last: int | None = None,
 ) -> Path:
     """Collective: write step `step` under `root` atomically and point the tracker at it.
 
-    models: the rank's GPTModel chunks (one per virtual pipeline stage; wrappers with `.module`
-    are unwrapped). optimizer: a megatron-core optimizer or a torch Adam/AdamW over the chunks'
-    parameters. extra_state: JSON-serialisable trainer state (step counters, metrics, ...),
-    returned by `load_checkpoint` as `trainer_state`. dataloader_state: any picklable object
-    (verl stores `StatefulDataLoader.state_dict()` the same way). hf_assets_dir: an HF model
-    folder whose config, tokenizer and generation config files are copied next to `hf_config`
-    (weights are not copied). checksums: also record SHA-256 of every file (costs one read
-    pass). keep_last: delete older steps beyond this many.
-    Returns the final step directory.
+    Model weights, RNG state, HF config and trainer state; no optimizer state (verl's trainer
+    starts from such a step with a fresh optimizer). models: the rank's GPTModel chunks (one
+    per virtual pipeline stage; wrappers with `.module` are unwrapped). hf_config: saved to
+    `actor/model/huggingface/`. hf_assets_dir: an HF model folder whose config, tokenizer and
+    generation config files are copied there (weights are not copied). extra_state:
+    JSON-serialisable trainer state, stored in `trainer_state.json` under "state".
+    dataloader_state: any picklable object, stored as `data.pt` (as verl stores
+    `StatefulDataLoader.state_dict()`). Returns the final step directory.
     """
     import torch.distributed as dist
 
@@ -423,28 +330,23 @@ def save_checkpoint(
     paths = ActorPaths.v2(tmp / ROLE)
     layout = _layout_info(models)
     world_size = dist.get_world_size() if dist.is_initialized() else 1
-    _run_on_rank0(lambda: (root.mkdir(parents=True, exist_ok=True), _prepare_temp_dir(tmp, paths, optimizer is not None)))
+    _run_on_rank0(lambda: (root.mkdir(parents=True, exist_ok=True), _prepare_temp_dir(tmp, paths)))
 
     dist_save(add_te_extra_states(model_sharded_state_dict(models)), paths.model_dist)
-    if optimizer is not None:
-        optim_sd = {"optimizer": optimizer_sharded_state_dict(optimizer, models, is_loading=False)}
-        if lr_scheduler is not None:
-            optim_sd["lr_scheduler"] = lr_scheduler.state_dict()
-        dist_save(optim_sd, paths.optimizer_dist)
     from .rng import sharded_rng_state
 
     dist_save({"rng_state": sharded_rng_state()}, paths.extra_dist)
 
     transformer_config = _transformer_config_json(models)
     _run_on_rank0(
-        _write_rank0_files, step, paths, tmp, hf_config, tokenizer, generation_config, hf_assets_dir, extra_state,
-        dataloader_state, layout, transformer_config, optimizer is not None, world_size,
+        _write_rank0_files, step, paths, tmp, hf_config, hf_assets_dir, extra_state, dataloader_state, layout,
+        transformer_config, world_size,
     )
     # Each rank flushes what it wrote (its own .distcp files) before rank 0 seals the step.
     rank = _rank()
     fsync_tree(paths.actor, name_filter=lambda name: name.startswith(f"__{rank}_"))
     _barrier()
-    _run_on_rank0(_finalize, root, step, tmp, checksums, layout, keep_last)
+    _run_on_rank0(_finalize, root, step, tmp, layout)
     _barrier()
     return step_dir(root, step)
 
@@ -494,88 +396,3 @@ def load_model_weights(models: Sequence, model_dist_dir: Path) -> None:
         if key not in loaded:
             raise CheckpointError(f"{model_dist_dir}: no '{key}' entry (saved with a different number of chunks?)")
         _unwrap(model).load_state_dict(loaded[key], strict=True)
-
-
-
-def _choose_step(root: Path, step: int | None) -> int:
-    if step is None:
-        found = latest_complete_step(root)
-        if found is None:
-            raise CheckpointError(f"{root}: no complete checkpoint (global_step_<N> with {TRACKER_FILE} marker) found")
-        return found
-    verify_step(step_dir(root, step))
-    return int(step)
-
-
-def _rng_layout_matches(extra_dir: Path) -> bool:
-    """verl's RNG object is sharded (pp, tp): restoring it needs the layout it was saved with."""
-    from megatron.core import parallel_state as mpu
-    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
-
-    meta = load_sharded_metadata(str(extra_dir))
-    saved = [v for v in meta.values() if getattr(v, "key", "") == "rng_state"]
-    want = (mpu.get_pipeline_model_parallel_world_size(), mpu.get_tensor_model_parallel_world_size())
-    return bool(saved) and tuple(saved[0].global_shape) == want
-
-
-def load_checkpoint(
-    root: str | os.PathLike,
-    models: Sequence,
-    optimizer=None,
-    *,
-    step: int | None = None,
-    lr_scheduler=None,
-    load_optimizer: bool = True,
-    load_rng: bool = True,
-) -> LoadedCheckpoint:
-    """Collective: restore the newest complete step (or `step`) into `models` (and `optimizer`).
-
-    The checkpoint may have been saved at another TP/PP layout: dist_checkpointing reshards the
-    weights and the optimizer state; the RNG state is restored only when the (pp, tp) layout is
-    unchanged (it is per-rank). Raises CheckpointError naming the path when nothing usable exists.
-    """
-    import torch
-
-    root = Path(root)
-    chosen = _run_on_rank0(_choose_step, root, step)
-    directory = step_dir(root, chosen)
-    paths = ActorPaths.detect(directory / ROLE)
-    if paths.legacy:
-        raise CheckpointError(f"{directory}: legacy v1 layout (actor/dist_ckpt); resume needs the v2 layout")
-
-    load_model_weights(models, paths.model_dist)
-
-    result = LoadedCheckpoint(step=chosen, path=directory)
-    if optimizer is not None and load_optimizer and not (paths.optimizer_dist / ".metadata").exists():
-        logger.warning("%s: checkpoint has no optimizer state (e.g. made by `convert from-hf`); "
-                       "the optimizer starts fresh", paths.optimizer_dist)
-    elif optimizer is not None and load_optimizer:
-        optim_sd = {"optimizer": optimizer_sharded_state_dict(optimizer, models, is_loading=True)}
-        if lr_scheduler is not None:
-            optim_sd["lr_scheduler"] = lr_scheduler.state_dict()
-        optim_loaded = dist_load(optim_sd, paths.optimizer_dist)
-        if _is_megatron_optimizer(optimizer):
-            optimizer.load_state_dict(optim_loaded["optimizer"])
-        else:
-            _load_torch_optimizer(optimizer, optim_loaded["optimizer"])
-        if lr_scheduler is not None and "lr_scheduler" in optim_loaded:
-            lr_scheduler.load_state_dict(optim_loaded["lr_scheduler"])
-        result.optimizer_restored = True
-
-    if load_rng and (paths.extra_dist / ".metadata").exists():
-        if _rng_layout_matches(paths.extra_dist):
-            from .rng import restore_rng_state, sharded_rng_state
-
-            restore_rng_state(dist_load({"rng_state": sharded_rng_state()}, paths.extra_dist)["rng_state"])
-            result.rng_restored = True
-        elif _rank() == 0:
-            logger.warning("%s: RNG state saved at another (pp, tp) layout; not restored", paths.extra_dist)
-
-    state_file = directory / TRAINER_STATE_FILE
-    if state_file.exists():
-        result.trainer_state = json.loads(state_file.read_text()).get("state", {})
-    data_file = directory / DATALOADER_FILE
-    if data_file.exists():
-        result.dataloader_state = torch.load(data_file, weights_only=False)
-    _barrier()
-    return result

@@ -1,8 +1,8 @@
-"""save_checkpoint / load_checkpoint / latest_complete_step on real gloo ranks."""
+"""save_checkpoint (the converter's writer) / load_model_weights / latest_complete_step on real gloo ranks."""
 
 from __future__ import annotations
 
-import random
+import json
 
 import pytest
 import torch
@@ -16,125 +16,118 @@ def hf_dir(tmp_path_factory):
     return tiny_hf_model(tmp_path_factory.mktemp("store") / "qwen2", arch="qwen2", tie=False, layers=2)
 
 
-def _setup(hf_dir, tp, pp, seed):
+def _models(hf_dir, tp, pp, seed):
     from grail_megatron.megatron import parallel
     from grail_megatron.megatron.bridge import Bridge
 
     parallel.initialize(tp=tp, pp=pp, seed=seed)
     bridge = Bridge.from_pretrained(hf_dir)
-    models = bridge.build_models()
-    params = [p for m in models for p in m.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-    return bridge, models, optimizer
+    return bridge, bridge.build_models()
 
 
-def _train_step(models, optimizer):
-    params = [p for m in models for p in m.parameters()]
-    for p in params:  # deterministic fake gradients, identical on every run
-        g = torch.Generator().manual_seed(p.numel())
-        p.grad = torch.randn(p.shape, generator=g)
-    optimizer.step()
-
-
-def _flat_state(models, optimizer):
-    out = {}
-    for i, m in enumerate(models):
-        for k, v in m.state_dict().items():
-            if torch.is_tensor(v) and "_extra_state" not in k:
-                out[f"{i}.{k}"] = v.clone()
-    for idx, (p, st) in enumerate(optimizer.state.items()):
-        for k, v in st.items():
-            out[f"opt{idx}.{k}"] = v.clone()
-    return out
+def _flat_state(models):
+    return {f"{i}.{k}": v.clone() for i, m in enumerate(models) for k, v in m.state_dict().items()
+            if torch.is_tensor(v) and "_extra_state" not in k}
 
 
 def _save_worker(hf_dir, root, tp, pp, steps):
     from grail_megatron.checkpoint import save_checkpoint
 
-    bridge, models, optimizer = _setup(hf_dir, tp, pp, seed=1)
+    bridge, models = _models(hf_dir, tp, pp, seed=1)
     bridge.load_hf_weights(models, hf_dir)
     for step in steps:
-        _train_step(models, optimizer)
-        save_checkpoint(root, step, models, optimizer, hf_config=bridge.hf_config,
+        with torch.no_grad():  # deterministic changes, so every step holds other weights
+            for p in (p for m in models for p in m.parameters()):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + step)))
+        save_checkpoint(root, step, models, hf_config=bridge.hf_config, hf_assets_dir=hf_dir,
                         extra_state={"metrics": {"loss": 0.5 * step}, "epoch": 0},
-                        dataloader_state={"consumed": 8 * step}, checksums=(step == steps[-1]))
-    expected = _flat_state(models, optimizer)
-    # draws after the save: a resumed run must reproduce them
-    return expected, (random.random(), torch.rand(3))
+                        dataloader_state={"consumed": 8 * step})
+    return _flat_state(models)
 
 
 def _load_worker(root, hf_dir, tp, pp, step):
-    from grail_megatron.checkpoint import load_checkpoint
+    from grail_megatron.checkpoint.layout import model_dist_dir
+    from grail_megatron.checkpoint.store import load_model_weights
 
-    bridge, models, optimizer = _setup(hf_dir, tp, pp, seed=999)  # different init and RNG
-    loaded = load_checkpoint(root, models, optimizer, step=step)
-    return _flat_state(models, optimizer), loaded, (random.random(), torch.rand(3))
+    _bridge, models = _models(hf_dir, tp, pp, seed=999)  # another init than the saved weights
+    before = _flat_state(models)
+    load_model_weights(models, model_dist_dir(root, step))
+    return before, _flat_state(models)
 
 
 @pytest.mark.multiproc
-def test_save_load_roundtrip_tp2_bitwise(tmp_path, hf_dir):
+def test_save_tp2_then_load_weights_at_tp2_tp1_and_pp2(tmp_path, hf_dir):
     root = tmp_path / "ckpts"
     saved = run_ranks(_save_worker, 2, hf_dir, root, 2, 1, [1, 2])
     assert (root / "latest_checkpointed_iteration.txt").read_text() == "2"
-    actor = root / "global_step_2" / "actor"
-    for sub in ("model/dist_ckpt/.metadata", "optimizer/dist_ckpt/.metadata", "extra/dist_ckpt/.metadata",
-                "model/huggingface/config.json", "ckpt_contents.json", "transformer_config.json"):
+    step = root / "global_step_2"
+    actor = step / "actor"
+    for sub in ("model/dist_ckpt/.metadata", "extra/dist_ckpt/.metadata", "model/huggingface/config.json",
+                "model/huggingface/tokenizer.json", "ckpt_contents.json", "transformer_config.json"):
         assert (actor / sub).is_file(), sub
+    assert not (actor / "optimizer").exists() and not list(actor.rglob("*.safetensors"))
+    manifest = json.loads((actor / "ckpt_contents.json").read_text())
+    assert manifest["save_contents"] == ["model", "extra"] and "optimizer" not in manifest["contents"]
+    assert manifest["global_step"] == 2 and manifest["world_size"] == 2
+    trainer_state = json.loads((step / "trainer_state.json").read_text())
+    assert trainer_state["state"] == {"metrics": {"loss": 1.0}, "epoch": 0}
+    assert trainer_state["layout"] == {"tp": 2, "pp": 1, "dp": 1, "vpp": 1}
+    assert torch.load(step / "data.pt", weights_only=False) == {"consumed": 16}
     assert not list(root.glob(".incomplete*"))
-    assert verify_step(root / "global_step_2", deep=True) == "marker+sha256"
-    assert latest_complete_step(root) == 2
+    assert verify_step(step) == "marker" and latest_complete_step(root) == 2
 
-    loaded = run_ranks(_load_worker, 2, root, hf_dir, 2, 1, None)
-    for rank in range(2):
-        expected, draws = saved[rank]
-        got, info, got_draws = loaded[rank]
-        assert info.step == 2 and info.optimizer_restored and info.rng_restored
-        assert info.trainer_state == {"metrics": {"loss": 1.0}, "epoch": 0}
-        assert info.dataloader_state == {"consumed": 16}
-        assert expected.keys() == got.keys()
-        for key in expected:
-            assert torch.equal(expected[key], got[key]), key
-        assert draws[0] == got_draws[0] and torch.equal(draws[1], got_draws[1])
-
-
-@pytest.mark.multiproc
-def test_resume_at_other_layout_reshards_weights_and_optimizer(tmp_path, hf_dir):
-    """Saved at TP2, loaded at PP2: every tensor equals the TP1PP1 view of the same checkpoint."""
-    root = tmp_path / "ckpts"
-    run_ranks(_save_worker, 2, hf_dir, root, 2, 1, [3])
-    [reference] = run_ranks(_load_worker, 1, root, hf_dir, 1, 1, 3)
-    pp_ranks = run_ranks(_load_worker, 2, root, hf_dir, 1, 2, 3)
-    ref_state = reference[0]
-    assert not pp_ranks[0][1].rng_restored  # RNG is per (pp, tp) rank: not restorable across layouts
+    # the same layout: bitwise what each rank saved
+    for rank, (before, got) in enumerate(run_ranks(_load_worker, 2, root, hf_dir, 2, 1, 2)):
+        assert saved[rank].keys() == got.keys()
+        for key in got:
+            assert torch.equal(saved[rank][key], got[key]), (rank, key)
+        assert not torch.equal(before["0.decoder.layers.0.mlp.linear_fc1.weight"],
+                               got["0.decoder.layers.0.mlp.linear_fc1.weight"])
+    # another layout: dist_checkpointing reshards; every tensor equals the TP1PP1 view
+    [(_, reference)] = run_ranks(_load_worker, 1, root, hf_dir, 1, 1, 2)
+    (_, by_rank0), (_, by_rank1) = run_ranks(_load_worker, 2, root, hf_dir, 1, 2, 2)
     # stage 0 holds layer 0 (+ embedding), stage 1 layer 1 (+ final norm, output layer)
-    by_rank0, by_rank1 = pp_ranks[0][0], pp_ranks[1][0]
-    assert torch.equal(by_rank0["0.embedding.word_embeddings.weight"], ref_state["0.embedding.word_embeddings.weight"])
-    assert torch.equal(by_rank1["0.output_layer.weight"], ref_state["0.output_layer.weight"])
+    assert torch.equal(by_rank0["0.embedding.word_embeddings.weight"], reference["0.embedding.word_embeddings.weight"])
+    assert torch.equal(by_rank1["0.output_layer.weight"], reference["0.output_layer.weight"])
     assert torch.equal(by_rank1["0.decoder.layers.0.mlp.linear_fc1.weight"],
-                       ref_state["0.decoder.layers.1.mlp.linear_fc1.weight"])
+                       reference["0.decoder.layers.1.mlp.linear_fc1.weight"])
+    # TP2 shards of the saved fc2 (split on the input axis) make up the TP1 tensor
+    fc2 = "0.decoder.layers.0.mlp.linear_fc2.weight"
+    assert torch.equal(torch.cat([saved[0][fc2], saved[1][fc2]], dim=1), reference[fc2])
 
 
-def _load_any_worker(root, hf_dir, step):
-    from grail_megatron.checkpoint import load_checkpoint
+def _failed_save_worker(hf_dir, root, bad_assets):
+    from grail_megatron.checkpoint import save_checkpoint
 
-    _bridge, models, optimizer = _setup(hf_dir, 1, 1, seed=5)
+    _bridge, models = _models(hf_dir, 1, 1, seed=1)
     try:
-        return load_checkpoint(root, models, optimizer, step=step).step
+        save_checkpoint(root, 3, models, hf_assets_dir=bad_assets)  # rank 0 fails after the tensors
     except CheckpointError as exc:
         return f"CheckpointError: {exc}"
+    return "no error"
 
 
 @pytest.mark.multiproc
-def test_corrupt_newest_step_is_refused_and_previous_used(tmp_path, hf_dir, caplog):
+def test_failed_save_leaves_previous_step_and_corrupt_newest_step_is_refused(tmp_path, hf_dir, caplog):
     root = tmp_path / "ckpts"
-    run_ranks(_save_worker, 2, hf_dir, root, 2, 1, [1, 2])
+    run_ranks(_save_worker, 1, hf_dir, root, 1, 1, [1, 2])
+
+    # a save that fails on rank 0 raises on every rank and leaves only its temp dir behind
+    results = run_ranks(_failed_save_worker, 2, hf_dir, root, tmp_path / "not_hf")
+    assert all(r.startswith("CheckpointError:") and "no config.json" in r for r in results), results
+    assert not (root / "global_step_3").exists() and (root / ".incomplete.global_step_3").is_dir()
+    assert (root / "latest_checkpointed_iteration.txt").read_text() == "2" and latest_complete_step(root) == 2
+
     shard = sorted((root / "global_step_2" / "actor" / "model" / "dist_ckpt").glob("*.distcp"))[0]
     with open(shard, "r+b") as f:  # a truncated write, e.g. the node died while copying
         f.truncate(shard.stat().st_size // 2)
     with caplog.at_level("WARNING"):
         assert latest_complete_step(root) == 1
     assert "skipping checkpoint step 2" in caplog.text and "truncated" in caplog.text
-    # a fresh process resumes from step 1; asking for step 2 explicitly is a clear error
-    assert run_ranks(_load_any_worker, 1, root, hf_dir, None) == [1]
-    [message] = run_ranks(_load_any_worker, 1, root, hf_dir, 2)
-    assert message.startswith("CheckpointError:") and shard.name in message and "truncated" in message
+    with pytest.raises(CheckpointError, match="truncated") as info:
+        verify_step(root / "global_step_2")
+    assert shard.name in str(info.value)
+
+    # the next save of step 3 replaces the leftover temp dir
+    run_ranks(_save_worker, 1, hf_dir, root, 1, 1, [3])
+    assert not list(root.glob(".incomplete*")) and latest_complete_step(root) == 3

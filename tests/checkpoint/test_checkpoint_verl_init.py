@@ -1,10 +1,11 @@
-"""verl 0.9.1's own loader reads our checkpoints: `convert from-hf` output and training steps.
+"""verl 0.9.1's own loaders read what `save_checkpoint` writes (`convert from-hf` output).
 
 With `actor.megatron.use_dist_checkpointing=true` verl initialises the actor with
 `verl.utils.model.load_mcore_dist_weights(models, dist_checkpointing_path)` (no sharding
 metadata, strict=ASSUME_OK_UNEXPECTED, loads in place, return value unused). These tests call
 that real function on fresh GPTModel chunks built by our Bridge (random init, different seed)
-and compare what it loaded with the HF weights tensor by tensor.
+and compare what it loaded with the HF weights tensor by tensor; and verl's trainer resume of
+the model (`MegatronCheckpointManager.load_checkpoint`, strict `load_state_dict`) on the step.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ckpt_testlib import hf_tensors, run_ranks, tiny_hf_model, verl_load
+from ckpt_testlib import hf_tensors, run_ranks, tiny_hf_model, verl_load, verl_manager_load
 from grail_megatron.checkpoint.layout import model_dist_dir
 from grail_megatron.checkpoint.relayout import RelayoutJob, run_job
 
@@ -64,7 +65,8 @@ def _stored_keys(dist_dir) -> set[str]:
 
 @pytest.mark.multiproc
 def test_verl_loader_reads_tp2_from_hf_output_at_tp2_and_pp2(tmp_path):
-    """Converted at TP2; verl at the same TP2 and at PP2 (dist_checkpointing reshards on load).
+    """Converted at TP2; verl at the same TP2 and at PP2 (dist_checkpointing reshards on load),
+    and verl's checkpoint manager at TP2.
 
     The vocabulary is a multiple of 2: verl's mbridge does not pad it, so that is what a
     checkpoint verl can load at another TP looks like (real Qwen/Llama vocabularies are).
@@ -80,6 +82,11 @@ def test_verl_loader_reads_tp2_from_hf_output_at_tp2_and_pp2(tmp_path):
     for rank_results in per_rank:
         for before, after in rank_results:  # export gathers full tensors on every rank
             _assert_equal_tensors(after, expected, before)
+    # verl's trainer resume of the model on the step (content metadata from our ckpt_contents.json)
+    for resumed_by_verl in run_ranks(verl_manager_load, 2, hf, tmp_path / "init" / "global_step_0" / "actor", 2, 1):
+        assert sorted(resumed_by_verl) == sorted(expected)
+        for name, tensor in expected.items():
+            assert torch.equal(resumed_by_verl[name], tensor), name
 
 
 def test_from_hf_warns_when_verl_could_not_load_the_padded_vocabulary(tmp_path, capsys):

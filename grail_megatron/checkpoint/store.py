@@ -161,7 +161,7 @@ def _load_strategy():
     )
 
 
-def _in_process_results_queue() -> None:
+def in_process_results_queue() -> None:
     """Synchronous saves report write results through a queue in this same process.
 
     megatron-core creates it as `multiprocessing.Manager().Queue()` (needed only for its async
@@ -180,7 +180,7 @@ def _in_process_results_queue() -> None:
 def dist_save(state_dict: dict, directory: Path) -> None:
     from megatron.core import dist_checkpointing
 
-    _in_process_results_queue()
+    in_process_results_queue()
     dist_checkpointing.save(
         state_dict, str(directory), sharded_strategy=_save_strategy(), content_metadata=_sharding_metadata()
     )

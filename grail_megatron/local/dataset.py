@@ -94,7 +94,7 @@ class PromptSampler:
     as verl's StatefulDataLoader does; step k's batch is found by replaying the epochs before it,
     so it depends on (seed, step) alone and both paths see the same prompts at the same step."""
 
-    def __init__(self, num_records: int, batch_size: int, seed: int, shuffle: bool = True):
+    def __init__(self, num_records: int, batch_size: int, seed: int | None, shuffle: bool = True):
         if batch_size > num_records:
             raise DataError(f"data.train_batch_size={batch_size} exceeds the {num_records} training prompts")
         self.num_records, self.batch_size, self.seed, self.shuffle = num_records, batch_size, seed, shuffle

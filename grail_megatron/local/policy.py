@@ -166,6 +166,10 @@ class LocalPolicy:
         yield from per_tensor
 
     def save_checkpoint(self, actor_dir: str, step: int) -> None:
+        if not self.config.actor.checkpoint.get("async_save", False):
+            from grail_megatron.checkpoint.store import in_process_results_queue
+
+            in_process_results_queue()  # a synchronous save needs no queue server process per rank
         _quietly(self.actor.save_checkpoint, actor_dir, None, step, max_ckpt_to_keep=None)
 
     def load_checkpoint(self, actor_dir: str) -> None:

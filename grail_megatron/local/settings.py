@@ -63,7 +63,7 @@ class DataSettings:
     max_prompt_length: int
     prompt_key: str = "prompt"
     shuffle: bool = True
-    seed: int = 1
+    seed: int | None = None  # None: verl's sampler generator keeps torch's default seed
     val_max_samples: int = -1
 
 
@@ -163,7 +163,7 @@ class LocalSettings:
                 max_prompt_length=_positive(_get(cfg, "data.max_prompt_length"), "data.max_prompt_length"),
                 prompt_key=str(_get(cfg, "data.prompt_key", "prompt")),
                 shuffle=bool(_get(cfg, "data.shuffle", True)),
-                seed=int(_get(cfg, "data.seed", 1)),
+                seed=None if _get(cfg, "data.seed", None) is None else int(_get(cfg, "data.seed")),
                 val_max_samples=int(_get(cfg, "data.val_max_samples", -1)),
             ),
             sampling=SamplingSettings(

@@ -1,7 +1,7 @@
 """What verl's engine needs from mbridge 0.15.1 and megatron-core 0.18, on every device.
 
 verl's Megatron engine (`vanilla_mbridge=true`) calls `mbridge.AutoBridge.from_config(...)`
-and then `bridge.get_model(...)`. Two things break on this version matrix, GPU or not:
+and then `bridge.get_model(...)`. These break on this version matrix (GPU or not, unless the table says otherwise):
 
 | name                  | what fails without it                                                     |
 |-----------------------|---------------------------------------------------------------------------|
@@ -30,6 +30,15 @@ and then `bridge.get_model(...)`. Two things break on this version matrix, GPU o
 |                       | `state_dict()` asserts on a fresh torch Adam (no 'step' yet); verl calls it |
 |                       | to build the template a resumed checkpoint loads into. Megatron's own dummy |
 |                       | state init runs first, with lr and weight decay 0 for that step.           |
+
+| adam_step_on_resume   | without Apex/TE (torch Adam keeps a `step` per parameter), Megatron's         |
+|                       | DistributedOptimizer.load_state_dict (1) gives every parameter state the    |
+|                       | *same* `step` tensor, and (2) then copies the load template's per-parameter |
+|                       | `step` into it (the checkpoint stores the step in its param groups only; the |
+|                       | template's is the fresh optimizer's, 1). torch's Adam then increments the   |
+|                       | shared tensor once per parameter: a resume at step 2 updated with step 17   |
+|                       | on the tiny model (bias correction off, fp32 weights 7.5e-5 apart after one |
+|                       | update). Each state gets its own tensor holding the checkpoint's step.      |
 
 `apply()` is idempotent and runs in each process that builds verl's Megatron engine (our workers'
 constructors, grail_megatron/workers/trainer.py); tests/workers/test_verl_adjustments.py shows
@@ -194,6 +203,44 @@ def restore_optimizer_state_dict() -> None:
         _original_optimizer_state_dict = None
 
 
+_original_optimizer_load_state_dict = None
+
+
+def _load_state_dict_with_own_steps(self, state_dict):
+    """Megatron's load_state_dict, then the checkpoint's step (its param groups') in a tensor of
+    each parameter state's own."""
+    import torch
+
+    _original_optimizer_load_state_dict(self, state_dict)
+    steps = {float(group["step"]) for group in state_dict["optimizer"]["param_groups"] if "step" in group}
+    if len(steps) != 1:
+        return
+    step = steps.pop()
+    for state in self.optimizer.state.values():
+        if "step" in state:
+            state["step"] = torch.tensor(step, dtype=torch.float32)
+
+
+def give_adam_states_their_own_steps() -> bool:
+    global _original_optimizer_load_state_dict
+    from megatron.core.optimizer import distrib_optimizer
+
+    if _original_optimizer_load_state_dict is not None or distrib_optimizer.HAVE_APEX_OR_TE:
+        return False
+    _original_optimizer_load_state_dict = distrib_optimizer.DistributedOptimizer.load_state_dict
+    distrib_optimizer.DistributedOptimizer.load_state_dict = _load_state_dict_with_own_steps
+    return True
+
+
+def restore_optimizer_load_state_dict() -> None:
+    global _original_optimizer_load_state_dict
+    from megatron.core.optimizer import distrib_optimizer
+
+    if _original_optimizer_load_state_dict is not None:
+        distrib_optimizer.DistributedOptimizer.load_state_dict = _original_optimizer_load_state_dict
+        _original_optimizer_load_state_dict = None
+
+
 def apply() -> None:
     from grail_megatron.megatron.bridge import register_with_mbridge
 
@@ -202,6 +249,7 @@ def apply() -> None:
     ignore_padding_mask_in_local_causal_attention()
     tolerate_missing_param_buffers()
     give_fresh_optimizers_a_state()
+    give_adam_states_their_own_steps()
 
 
 def restore_mbridge_classes() -> None:
@@ -227,6 +275,7 @@ PARTS = {
     "padding_mask_local": (ignore_padding_mask_in_local_causal_attention, restore_local_attention),
     "no_param_buffer": (tolerate_missing_param_buffers, restore_param_buffer_movers),
     "fresh_optimizer_state": (give_fresh_optimizers_a_state, restore_optimizer_state_dict),
+    "adam_step_on_resume": (give_adam_states_their_own_steps, restore_optimizer_load_state_dict),
 }
 
 

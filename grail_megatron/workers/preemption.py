@@ -44,15 +44,28 @@ def step_saved_checkpoint(global_steps: int, save_freq: int, total_training_step
 
 
 class CheckpointOnPreemption:
-    """Mixin for a verl v1 trainer: honour a preemption request at the end of each step."""
+    """Mixin for a verl v1 trainer: honour a preemption request at the end of each step.
+
+    The checkpoint is written in `on_step_end`; the stop comes at the next `on_step_begin`,
+    after verl's fit loop has validated (if due) and logged the step, so the preempted step's
+    metrics reach the loggers like every other step's. After the last step verl's loop ends by
+    itself (the driver still exits 75: a requeued run resumes at the end and stops at once)."""
+
+    _grail_preempted_after: int | None = None
 
     def on_step_end(self) -> None:
         super().on_step_end()  # type: ignore[misc]
         path = request_path(self.config)  # type: ignore[attr-defined]
-        if not path.exists():
+        if not path.exists() or self._grail_preempted_after is not None:
             return
         trainer_cfg = self.config.trainer  # type: ignore[attr-defined]
         step = int(self.global_steps)  # type: ignore[attr-defined]
         if not step_saved_checkpoint(step, int(trainer_cfg.save_freq), int(self.total_training_steps)):  # type: ignore[attr-defined]
             self._save_checkpoint()  # type: ignore[attr-defined]
-        raise PreemptedAfterCheckpoint(f"preempted after step {step}: checkpoint saved, exiting {EXIT_PREEMPTED}")
+        self._grail_preempted_after = step
+
+    def on_step_begin(self) -> None:
+        if self._grail_preempted_after is not None:
+            raise PreemptedAfterCheckpoint(
+                f"preempted after step {self._grail_preempted_after}: checkpoint saved, exiting {EXIT_PREEMPTED}")
+        super().on_step_begin()  # type: ignore[misc]

@@ -101,6 +101,26 @@ def test_bad_prompt_files_are_named(tmp_path, sums_run):
         load_prompts((str(tmp_path / "long.parquet"),), tok, 32)
 
 
+@pytest.mark.parametrize("seed", [None, 7])
+def test_sampler_is_verls_dataloader_order(seed):
+    """The batches verl's trainer draws (its sampler in a drop-last StatefulDataLoader, epoch
+    after epoch), including verl's default `data.seed: null`; and the dataloader state a local
+    checkpoint saves makes verl's loader continue with the next local batch."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+    from verl.trainer.ppo.utils import create_rl_sampler
+
+    data = OmegaConf.create({"shuffle": True, "seed": seed})
+    loader = StatefulDataLoader(range(10), batch_size=4, drop_last=True, sampler=create_rl_sampler(data, range(10)),
+                                collate_fn=list)
+    verl_order = [[int(i) for i in batch] for _ in range(3) for batch in loader]
+    sampler = PromptSampler(10, 4, seed=seed)
+    assert [sampler.indices(step) for step in range(1, 7)] == verl_order
+    resumed = StatefulDataLoader(range(10), batch_size=4, drop_last=True,
+                                 sampler=create_rl_sampler(data, range(10)), collate_fn=list)
+    resumed.load_state_dict(sampler.dataloader_state(3))
+    assert [int(i) for i in next(iter(resumed))] == sampler.indices(4)
+
+
 def test_sampler_is_a_function_of_seed_and_step():
     sampler = PromptSampler(num_records=10, batch_size=4, seed=3)
     epoch0 = sampler.indices(1) + sampler.indices(2)

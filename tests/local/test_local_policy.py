@@ -11,6 +11,8 @@ parameters (its McoreEngineConfig accepts bf16/fp16 only), so the bound is bf16'
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -47,17 +49,9 @@ def task_policy(model_dir, tp, pp):
     import verl  # noqa: F401  (loads VERL_USE_EXTERNAL_MODULES, as the local worker does)
     from megatron.core import parallel_state
 
-    from grail_megatron.config import compose
     from grail_megatron.local.policy import LocalPolicy
 
-    cfg = compose(["model_preset=tiny", "cluster=cpu", f"actor_rollout_ref.model.path={model_dir}",
-                   f"actor_rollout_ref.rollout.temperature={TEMPERATURE}", "actor_rollout_ref.rollout.n=1",
-                   f"actor_rollout_ref.actor.ppo_mini_batch_size={ROWS}",
-                   "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
-                   "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
-                   "actor_rollout_ref.actor.optim.lr=0.01",
-                   f"actor_rollout_ref.actor.megatron.tensor_model_parallel_size={tp}",
-                   f"actor_rollout_ref.actor.megatron.pipeline_model_parallel_size={pp}"])
+    cfg = _config(model_dir, tp, pp)
     policy = LocalPolicy(cfg, total_training_steps=10)
     try:
         b = batch()
@@ -72,6 +66,58 @@ def task_policy(model_dir, tp, pp):
         parallel_state.destroy_model_parallel()
 
 
+def _config(model_dir, tp, pp):
+    from grail_megatron.config import compose
+
+    return compose(["model_preset=tiny", "cluster=cpu", f"actor_rollout_ref.model.path={model_dir}",
+                    f"actor_rollout_ref.rollout.temperature={TEMPERATURE}", "actor_rollout_ref.rollout.n=1",
+                    f"actor_rollout_ref.actor.ppo_mini_batch_size={ROWS}",
+                    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+                    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=2",
+                    "actor_rollout_ref.actor.optim.lr=0.01",
+                    f"actor_rollout_ref.actor.megatron.tensor_model_parallel_size={tp}",
+                    f"actor_rollout_ref.actor.megatron.pipeline_model_parallel_size={pp}"])
+
+
+def _update(policy):
+    b = batch()
+    old = policy.compute_log_prob(b)["log_probs"]
+    return policy.update_actor({**b, "old_log_probs": old, "advantages": advantages()})
+
+
+def _adam_steps(policy) -> list[float]:
+    optimizer = policy.actor.actor.engine.optimizer
+    return sorted({float(state["step"]) for inner in getattr(optimizer, "chained_optimizers", [optimizer])
+                   for state in inner.optimizer.state.values()})
+
+
+def task_resume(model_dir, ckpt_dir, remove_adjustment):
+    """Two updates, checkpoint, a third update; then a fresh engine loads the checkpoint and
+    makes the third update again. Returns (weights equal, Adam steps after the resumed update)."""
+    import verl  # noqa: F401
+    from megatron.core import parallel_state
+
+    from grail_megatron.local.policy import LocalPolicy
+    from grail_megatron.megatron import mbridge_compat
+
+    cfg = _config(model_dir, 2, 1)
+    first = LocalPolicy(cfg, total_training_steps=10)
+    _update(first)
+    _update(first)
+    first.save_checkpoint(ckpt_dir, 2)
+    _update(first)
+    uninterrupted = {name: t.float().clone() for name, t in first.export_weights()}
+    parallel_state.destroy_model_parallel()
+    resumed = LocalPolicy(cfg, total_training_steps=10)
+    with mbridge_compat.without("adam_step_on_resume") if remove_adjustment else contextlib.nullcontext():
+        resumed.load_checkpoint(ckpt_dir)
+    _update(resumed)
+    again = {name: t.float().clone() for name, t in resumed.export_weights()}
+    steps = _adam_steps(resumed)
+    parallel_state.destroy_model_parallel()
+    return all(torch.equal(uninterrupted[k], again[k]) for k in uninterrupted), steps
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from grail_megatron.models.tiny import make_tiny_model, train_tokenizer
@@ -83,12 +129,16 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def results(model_dir):
+def results(model_dir, tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("resume")
     with pytest.MonkeyPatch.context() as mp:
         for key, value in WORKER_ENV.items():
             mp.setenv(key, value)
         with RankPool(world_size=2) as pool:
-            return {name: pool.run(task_policy, model_dir, tp, pp) for name, (tp, pp) in LAYOUTS.items()}
+            out = {name: pool.run(task_policy, model_dir, tp, pp) for name, (tp, pp) in LAYOUTS.items()}
+            out["resume"] = pool.run(task_resume, model_dir, str(ckpt / "with" / "actor"), False)
+            out["resume_without"] = pool.run(task_resume, model_dir, str(ckpt / "without" / "actor"), True)
+            return out
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +163,7 @@ def max_diff(a, b) -> float:
 
 def test_every_rank_gets_the_whole_batch_and_dp2_is_data_parallel(results):
     assert results["dp2"][0]["dp"] == 2 and results["tp2"][0]["dp"] == 1
-    for name, ranks in results.items():
+    for name, ranks in ((name, results[name]) for name in LAYOUTS):
         assert ranks[0]["log_probs"].shape == (ROWS, RESPONSE), name
         assert torch.equal(ranks[0]["log_probs"], ranks[1]["log_probs"]), name
 
@@ -151,3 +201,18 @@ def test_update_of_step_1_is_the_closed_form_and_moves_the_policy(results, name)
 def test_layouts_agree_on_the_gradient_to_bf16_precision(results):
     norms = {name: results[name][0]["metrics"]["actor/grad_norm"] for name in LAYOUTS}
     assert max(norms.values()) - min(norms.values()) < 1e-2 * max(norms.values()), norms
+
+
+def test_a_resumed_update_is_bitwise_the_uninterrupted_one(results):
+    """verl's checkpoint of step 2 restores the optimizer exactly: the resumed third update
+    gives the uninterrupted run's weights bit for bit, with Adam at step 3."""
+    for equal, steps in results["resume"]:
+        assert equal and steps == [3.0]
+
+
+def test_without_the_adam_step_adjustment_the_resume_is_off(results):
+    """mbridge_compat.adam_step_on_resume: without it every parameter state shares the template's
+    step tensor, which each parameter's update increments (Adam's bias correction is wrong)."""
+    for equal, steps in results["resume_without"]:
+        assert not equal
+        assert steps != [3.0] and len(steps) == 1 and steps[0] > 3.0, steps

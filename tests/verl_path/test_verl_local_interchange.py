@@ -5,13 +5,18 @@ samples with the verl path's HF engine and seeds (`rollout.full_determinism=true
 prompts in verl's sampler order and scores with the same reward. So, with the config of the
 shared `tp2_run` (3 steps at TP2 from the converted dist checkpoint, checkpoints at 2 and 3):
 
-(a) the local loop's steps 1-3 equal the verl path's: score and response lengths exactly,
-    entropy / pg_loss / grad_norm within the bounds of a rerun of the verl path itself
-    (test_verl_resume.BOUNDS: the rows reach Megatron in another order, bf16 reductions);
+(a) the local loop's steps 1 and 2 equal the verl path's: the same sampled responses (score
+    and response-length means to float32 summation order, 1e-6), entropy / pg_loss / grad_norm
+    within the bounds of a rerun of the verl path itself (test_verl_resume.BOUNDS: the rows
+    reach Megatron in another order, bf16 reductions). Step 3 is not compared: the step-2
+    update ran on the rows in another order, so the bf16 weights it starts from differ by
+    rounding (measured: same samples, entropy 8.6e-5 relative apart);
 (b) a `--local` run resumes from the verl path's step-2 checkpoint and its step 3 equals the
-    verl path's step 3;
-(c) the verl path resumes from the local run's step-2 checkpoint and its step 3 equals it too.
+    verl path's step 3 (the same weights);
+(c) the verl path resumes from the local run's step-2 checkpoint and its step 3 equals the
+    local run's step 3 (the same weights, and verl's dataloader continues from data.pt).
 """
+
 
 from __future__ import annotations
 
@@ -19,10 +24,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_verl_resume import assert_same_step
+from test_verl_resume import BOUNDS, assert_same_step
 from verl_testlib import TP2_SAVE_FREQ, TP2_STEPS, latest_step, tp2_overrides, train
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.filterwarnings("ignore")]
+
+
+# The same samples on both paths, but the per-step means are float32 sums over the rows in
+# another order (verl's TransferQueue vs the local batch): measured |diff| 3e-8 on a score of
+# 0.41. The rest as a rerun of the verl path (test_verl_resume.BOUNDS).
+INTERCHANGE_BOUNDS = {**BOUNDS, **{key: (1e-6, 0.0) for key, (abs_tol, _) in BOUNDS.items() if abs_tol == 0.0
+                                   and key.startswith(("critic/score", "response_length"))}}
 
 
 def tensorboard_metrics(tmp: Path) -> dict[int, dict[str, float]]:
@@ -56,8 +68,8 @@ def local_tp2_run(sums, mcore_init, tmp_path_factory):
 
 def test_local_loop_steps_equal_the_verl_paths(local_tp2_run, tp2_run):
     assert sorted(s for s in local_tp2_run.metrics if s > 0) == list(range(1, TP2_STEPS + 1))
-    for step in range(1, TP2_STEPS + 1):
-        assert_same_step(local_tp2_run.metrics[step], tp2_run.metrics[step], f"local step {step} vs verl")
+    for step in range(1, TP2_SAVE_FREQ + 1):
+        assert_same_step(local_tp2_run.metrics[step], tp2_run.metrics[step], f"local step {step} vs verl", INTERCHANGE_BOUNDS)
     # the same layout on disk: verl's step directories and tracker
     assert latest_step(local_tp2_run.out) == TP2_STEPS
     for step in (TP2_SAVE_FREQ, TP2_STEPS):
@@ -69,12 +81,14 @@ def test_local_loop_resumes_from_a_verl_path_checkpoint(tp2_run, sums, mcore_ini
     run = train_local(tmp_path, tp2_overrides(sums, mcore_init, "trainer.resume_mode=auto"))
     assert f"(step {TP2_SAVE_FREQ})" in run.log
     assert sorted(s for s in run.metrics if s > 0) == [TP2_STEPS]
-    assert_same_step(run.metrics[TP2_STEPS], tp2_run.metrics[TP2_STEPS], "local resumed from verl")
+    assert_same_step(run.metrics[TP2_STEPS], tp2_run.metrics[TP2_STEPS], "local resumed from verl", INTERCHANGE_BOUNDS)
 
 
-def test_verl_path_resumes_from_a_local_checkpoint(local_tp2_run, tp2_run, sums, mcore_init, tmp_path):
+def test_verl_path_resumes_from_a_local_checkpoint(local_tp2_run, sums, mcore_init, tmp_path):
     copy_step(local_tp2_run.out, tmp_path / "ckpt", TP2_SAVE_FREQ)
     run = train(tmp_path, tp2_overrides(sums, mcore_init, "trainer.resume_mode=auto")).check()
     assert sorted(run.metrics) == [TP2_STEPS], run.log[-3000:]
-    assert_same_step(run.metrics[TP2_STEPS], tp2_run.metrics[TP2_STEPS], "verl resumed from local")
+    assert "No dataloader state found" not in run.log  # data.pt: verl's loader continues
+    assert_same_step(run.metrics[TP2_STEPS], local_tp2_run.metrics[TP2_STEPS], "verl resumed from local",
+                     INTERCHANGE_BOUNDS)
 

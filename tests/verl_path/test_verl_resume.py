@@ -20,11 +20,13 @@ in TransferQueue, so groups come back in another order. Hence the compared quant
 order-insensitive aggregates (score, response length: sums of the same numbers) and the
 loss and gradient norm, whose float reductions run in another row order: see BOUNDS.
 
-Not reached yet (issue 12, open): the weights saved *after* the resumed step's update differ from
-the uninterrupted run's in ~59% of the bf16 elements, by up to one update (3.9e-3): the restored
-optimizer state is not equivalent on this CPU path (Adam step count or moments through the
-fresh-optimizer template, mbridge_compat.fresh_optimizer_state, are the suspects). The metrics
-compared here are computed before that update.
+The weights after the resumed update: a resumed Adam used to run with the wrong step (Megatron's
+DistributedOptimizer without Apex/TE shared one `step` tensor between all parameter states and
+filled it from the load template; the weights then differed in ~59% of the bf16 elements). Fixed
+by mbridge_compat.adam_step_on_resume; tests/local/test_local_policy.py shows the resumed update
+bit for bit equal to the uninterrupted one (same rows in the same order) and off without the
+adjustment. Here the rows reach Megatron in another order, so the update's bf16 rounding differs
+and the weights are not compared.
 """
 
 from __future__ import annotations
@@ -59,9 +61,9 @@ PREEMPT_STEPS = 4  # steps of the preempted run: the signal after step 1 leaves 
 RUN_TIMEOUT = 900
 
 
-def assert_same_step(got: dict[str, float], want: dict[str, float], label: str) -> None:
+def assert_same_step(got: dict[str, float], want: dict[str, float], label: str, bounds: dict = BOUNDS) -> None:
     worst = {}
-    for key, (abs_tol, rel_tol) in BOUNDS.items():
+    for key, (abs_tol, rel_tol) in bounds.items():
         assert key in got and key in want, f"{label}: {key} missing"
         diff = abs(got[key] - want[key])
         worst[key] = diff
@@ -121,7 +123,8 @@ def test_sigusr1_checkpoints_after_the_step_and_exits_75(preempted_and_rerun):
         assert any((actor / part / "dist_ckpt").iterdir()), f"{actor}/{part}/dist_ckpt is empty"
     assert (first.out / f"global_step_{step}" / "data.pt").is_file()
     assert not (first.out / REQUEST_NAME).exists()  # consumed: the rerun must not stop at once
-    assert 1 in first.metrics and set(first.metrics) <= set(range(1, step + 1))
+    # every step up to the checkpointed one was logged, the preempted step included
+    assert set(first.metrics) == set(range(1, step + 1)), sorted(first.metrics)
 
 
 def test_rerun_resumes_repeats_no_step_and_finishes(preempted_and_rerun):

@@ -1,8 +1,8 @@
 """Preemption on the verl path: signal -> request file -> checkpoint after the step -> exit 75.
 
-verl's fit loop needs GPUs, so the trainer is exercised at its step boundary: verl's real
-`PPOTrainerSync.on_step_end` runs, with the checkpoint manager (vLLM weight sync) and
-`_save_checkpoint` (Megatron engines) replaced by recorders, the GPU seam.
+Units at the trainer's step boundary: verl's real `PPOTrainerSync.on_step_end` runs, with the
+checkpoint manager (weight sync) and `_save_checkpoint` (Megatron engines) replaced by
+recorders. The whole protocol runs for real in tests/verl_path/test_verl_resume.py.
 """
 
 from __future__ import annotations
@@ -57,21 +57,26 @@ def test_without_a_request_the_step_ends_as_in_verl(trainer):
     assert trainer.saved == []
 
 
-def test_a_request_saves_and_stops_after_the_step(trainer):
+def test_a_request_saves_at_the_step_end_and_stops_before_the_next_step(trainer):
+    """verl logs a step after on_step_end: the stop waits for the next on_step_begin, so the
+    preempted step's metrics are logged like every other step's."""
     trainer.global_steps = 7
     request_path(trainer.config).write_text("SIGUSR1\n")
-    with pytest.raises(PreemptedAfterCheckpoint, match="after step 7"):
-        trainer.on_step_end()
+    trainer.on_step_end()  # checkpoint now; verl's loop goes on to validate and log step 7
     assert trainer.saved == [7]
     assert trainer.checkpoint_manager.calls == [("update_weights", 7)]
+    trainer.global_steps = 8
+    with pytest.raises(PreemptedAfterCheckpoint, match="after step 7"):
+        trainer.on_step_begin()
 
 
 def test_a_step_that_just_saved_is_not_saved_twice(trainer):
     trainer.global_steps = 50
     request_path(trainer.config).write_text("SIGUSR1\n")
-    with pytest.raises(PreemptedAfterCheckpoint):
-        trainer.on_step_end()
+    trainer.on_step_end()
     assert trainer.saved == []
+    with pytest.raises(PreemptedAfterCheckpoint, match="after step 50"):
+        trainer.on_step_begin()
 
 
 def test_driver_turns_the_signal_into_a_request_and_exits_75(tmp_path, monkeypatch):

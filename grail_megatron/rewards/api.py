@@ -122,6 +122,23 @@ def _has_mbpp(items: list) -> bool:
                and route_of(item["data_source"]) == "mbpp" for item in items)
 
 
+def _prefetch_math(items: list, math_verify: bool) -> None:
+    """The sympy verdicts of the batch's MATH rows, all at once over every sympy worker
+    (``math_answer.prefetch``); each row is then scored as alone, from the cache."""
+    rows = [(item["solution_str"], item["ground_truth"]) for item in items
+            if isinstance(item, Mapping) and isinstance(item.get("data_source"), str)
+            and route_of(item["data_source"]) == "math"
+            and isinstance(item.get("solution_str"), str) and isinstance(item.get("ground_truth"), str)]
+    if not rows:
+        return
+    try:
+        math_answer.prefetch(rows, math_verify=math_verify)
+    except SandboxUnavailable:
+        raise
+    except Exception as exc:  # the rows are scored (and any failure reported) one by one
+        _LOG.warning("MATH prefetch failed, scoring row by row: %s: %s", type(exc).__name__, exc)
+
+
 def compute_score_batch(
     items: Iterable[Mapping[str, Any]],
     max_workers: int | None = None,
@@ -132,13 +149,15 @@ def compute_score_batch(
     Items are dicts with ``compute_score``'s keyword names (``data_source``,
     ``solution_str``, ``ground_truth``, ``extra_info``). At most ``max_workers`` (default:
     CPU count) completions are in flight; MBPP programs run concurrently in the sandbox
-    pool, GSM8K/MATH scoring is cheap and runs in the same threads.
+    pool, GSM8K/MATH scoring is cheap and runs in the same threads. The MATH rows' sympy
+    checks are made first, together, over every sympy worker (``_prefetch_math``).
     """
     items = list(items)
     workers = max(1, min(max_workers or os.cpu_count() or 1, len(items) or 1))
     if kwargs.get("sandbox") is None and _has_mbpp(items) and not format_only_allowed(
             kwargs.get("allow_format_only_mbpp")):
         default_pool()  # a missing sandbox raises SandboxUnavailable here, before any scoring
+    _prefetch_math(items, bool(kwargs.get("math_verify", False)))
 
     def one(item: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(item, Mapping):

@@ -8,10 +8,14 @@ text may see and do, beyond its uid and rlimits (``privileges.py``).
   so the size bounds the total), writable for MBPP tests and read-only for the sympy worker;
   everything else is read-only.
 * ``limit_ipc``: the limits of a fresh IPC namespace (System V and POSIX message queues),
-  so that an IPC object cannot outlive its process or grow without bound.
+  so that an IPC object cannot outlive its process or grow without bound. Writing them
+  needs root in the user namespace that owns the IPC namespace: real root, or (userns
+  mode) the zygote's user namespace, where the caller's uid is mapped to 0 for that reason.
 * ``SyscallFilter``: a seccomp filter (libseccomp) refusing new namespaces (no nested user
   namespace, no escape from the mount/PID/IPC ones), Unix sockets, kernel keyrings (shared
-  by every process of a uid), io_uring (it bypasses seccomp), ptrace and the mount API.
+  by every process of a uid), io_uring (it bypasses seccomp), ptrace and the mount API;
+  with ``refuse_ipc``, also the creation of System V and POSIX IPC objects (the sympy
+  worker, and MBPP tests where the IPC limits cannot be written).
 """
 from __future__ import annotations
 
@@ -81,10 +85,14 @@ IPC_BOUNDED = {
 IPC_NONE = {"kernel/shmmni": "0", "kernel/msgmni": "0", "kernel/sem": "0 0 0 0", "fs/mqueue/queues_max": "0"}
 
 
-def limit_ipc(limits: dict[str, str], required: bool) -> None:
-    """Write the limits of the caller's (new) IPC namespace; ``required`` as root (a user
-    namespace may not own its IPC sysctls on older kernels: then the namespace alone,
-    which dies with the process, is the bound)."""
+def limit_ipc(limits: dict[str, str], required: bool) -> bool:
+    """Write the limits of the caller's (new) IPC namespace; True if all were written.
+
+    ``required`` as root. In a user namespace the IPC sysctls are writable only by the uid
+    mapped to 0 there (Linux >= 5.17 ties them to the IPC namespace and its owner's root);
+    where they are not, the caller must refuse IPC creation instead (``SyscallFilter(
+    refuse_ipc=True)``): the kernel defaults (4096 segments, no size bound) would let one
+    test grow host memory without limit until it dies."""
     for name, value in limits.items():
         try:
             with open(f"/proc/sys/{name}", "w") as handle:
@@ -92,6 +100,8 @@ def limit_ipc(limits: dict[str, str], required: bool) -> None:
         except OSError:
             if required:
                 raise
+            return False
+    return True
 
 
 # --------------------------------------------------------------------------- seccomp
@@ -104,6 +114,8 @@ _REFUSED = (
     "open_tree mount_setattr keyctl add_key request_key io_uring_setup io_uring_enter "
     "io_uring_register ptrace process_vm_readv process_vm_writev bpf userfaultfd perf_event_open"
 ).split()
+# What creates an IPC object (a fresh IPC namespace has none to attach to or open).
+_IPC_CREATION = "shmget msgget semget mq_open".split()
 
 
 class _ArgCmp(ctypes.Structure):
@@ -116,9 +128,12 @@ def _errno_action(code: int) -> int:
 
 
 class SyscallFilter:
-    """Built once (in the zygote or the sympy worker), loaded by each jailed process."""
+    """Built once (in the zygote or the sympy worker), loaded by each jailed process;
+    ``refuse_ipc``: also no System V segment, queue or semaphore set, no POSIX queue (ENOSPC,
+    what a namespace whose limits are 0 answers)."""
 
-    def __init__(self) -> None:
+    def __init__(self, refuse_ipc: bool = False) -> None:
+        self.refuse_ipc = refuse_ipc
         try:
             self._lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
         except OSError as exc:
@@ -140,6 +155,9 @@ class SyscallFilter:
             self._rule("clone", eperm, _ArgCmp(0, _CMP_MASKED_EQ, flag, flag))
         for name in ("socket", "socketpair"):
             self._rule(name, eperm, _ArgCmp(0, _CMP_EQ, _AF_UNIX, 0))
+        if refuse_ipc:
+            for name in _IPC_CREATION:
+                self._rule(name, _errno_action(errno.ENOSPC))
 
     def _rule(self, name: str, action: int, *conditions: _ArgCmp) -> None:
         number = self._lib.seccomp_syscall_resolve_name(name.encode())

@@ -43,6 +43,19 @@ def _float_close(pred: str, gold: str) -> bool:
         return False
 
 
+def _worker_check(predicted: str, gold: str, pred_norm: str, gold_norm: str,
+                  math_verify: bool) -> tuple[str, str, str] | None:
+    """The ``(op, pred, gold)`` the worker must decide, or None (not needed: empty,
+    exactly equal, or known not to parse)."""
+    if not predicted or not gold or pred_norm == gold_norm:
+        return None
+    if math_verify:
+        return ("math_verify", predicted, gold)  # math-verify parses LaTeX itself: raw answers
+    if _cannot_parse(pred_norm) or _cannot_parse(gold_norm):
+        return None
+    return ("sympy", pred_norm, gold_norm)
+
+
 def answers_equal(
     predicted: str, gold: str, *, checker: SympyChecker | None = None, math_verify: bool = False
 ) -> tuple[bool, str, bool, str]:
@@ -53,21 +66,31 @@ def answers_equal(
     if pred_norm == gold_norm:
         return True, "exact", False, ""
     timed_out, error = False, ""
-    checker = checker or default_checker()
-    if math_verify:
-        # math-verify parses LaTeX itself, so it sees the raw answers.
-        result = checker.check(predicted, gold, op="math_verify")
+    key = _worker_check(predicted, gold, pred_norm, gold_norm, math_verify)
+    if key is not None:
+        op, pred, gold_text = key
+        result = (checker or default_checker()).check(pred, gold_text, op=op)
         if result.equal:
-            return True, "math_verify", False, ""
-        timed_out, error = result.timed_out, result.error
-    elif not (_cannot_parse(pred_norm) or _cannot_parse(gold_norm)):
-        result = checker.check(pred_norm, gold_norm, op="sympy")
-        if result.equal:
-            return True, "symbolic", False, ""
+            return True, "math_verify" if math_verify else "symbolic", False, ""
         timed_out, error = result.timed_out, result.error
     if _float_close(pred_norm, gold_norm):
         return True, "numeric", timed_out, error
     return False, "none", timed_out, error
+
+
+def prefetch(rows: list[tuple[str, str]], *, checker: SympyChecker | None = None,
+             math_verify: bool = False) -> None:
+    """Decide the worker checks of many ``(solution_str, ground_truth)`` rows at once
+    (``SympyChecker.check_many``: every worker, answers streamed), so that scoring each
+    row afterwards finds its verdict cached. The scores are those of ``score`` alone."""
+    keys = []
+    for solution_str, ground_truth in rows:
+        predicted = parse_completion(solution_str).inside
+        key = _worker_check(predicted, ground_truth, normalize(predicted), normalize(ground_truth), math_verify)
+        if key is not None:
+            keys.append(key)
+    if keys:
+        (checker or default_checker()).check_many(keys)
 
 
 def score(

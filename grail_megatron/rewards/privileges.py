@@ -5,7 +5,10 @@ namespace (loopback down, so no socket reaches anything) and then becomes an unp
 uid: RLIMIT_NPROC is ignored for uid 0, and only a non-root uid cannot read other users'
 files or signal their processes. Run as a normal user (a SLURM node), it enters a new user
 namespace mapping only its own uid, which lets it create the other namespaces and mounts;
-the code it then runs gives up every capability (``drop_capabilities``).
+the code it then runs gives up every capability (``drop_capabilities``). The MBPP zygote
+maps its uid to 0 there (``as_root``: the IPC limits of its tests' IPC namespaces are
+writable only by that root), and each test then enters a nested user namespace in which it
+has the caller's uid again (``leave_namespace_root``).
 """
 from __future__ import annotations
 
@@ -51,26 +54,48 @@ def isolate_network() -> None:
     enter_user_namespace(flags)
 
 
-def enter_user_namespace(flags: int = 0) -> None:
-    """Unshare a user namespace (with ``flags``) that maps only the caller's uid and gid to
-    themselves: full capabilities over the new namespaces, none over anything else."""
+def enter_user_namespace(flags: int = 0, as_root: bool = False) -> None:
+    """Unshare a user namespace (with ``flags``) that maps only the caller's uid and gid:
+    to themselves, or with ``as_root`` to 0 (the owner's root, the only uid that may write
+    the IPC limits of an IPC namespace the new user namespace owns). Either way: full
+    capabilities over the new namespaces, none over anything else."""
     uid, gid = os.geteuid(), os.getegid()
     os.unshare(os.CLONE_NEWUSER | flags)
+    inside_uid, inside_gid = (0, 0) if as_root else (uid, gid)
     _write("/proc/self/setgroups", "deny")
-    _write("/proc/self/uid_map", f"{uid} {uid} 1")
-    _write("/proc/self/gid_map", f"{gid} {gid} 1")
+    _write("/proc/self/uid_map", f"{inside_uid} {uid} 1")
+    _write("/proc/self/gid_map", f"{inside_gid} {gid} 1")
 
 
-def enter_unprivileged_sandbox(flags: int = 0) -> None:  # pragma: no cover - parent never returns
-    """For a non-root process: a user namespace of its own uid with fresh network, IPC and
-    PID namespaces (plus ``flags``) in which no nested user namespace may be created. The
-    caller returns as PID 1 of the new PID namespace (so every process it starts is
-    invisible to, and cannot signal, anything outside); its parent only relays the exit
-    status, and its death kills the caller (and with it the whole namespace)."""
+def enter_unprivileged_sandbox(flags: int = 0, as_root: bool = False,
+                               nested: int = 0) -> None:  # pragma: no cover - parent never returns
+    """For a non-root process: a user namespace of its own uid (mapped to 0 with
+    ``as_root``) with fresh network, IPC and PID namespaces (plus ``flags``) in which at
+    most ``nested`` user namespaces may exist (0: none). The caller returns as PID 1 of
+    the new PID namespace (so every process it starts is invisible to, and cannot signal,
+    anything outside); its parent only relays the exit status, and its death kills the
+    caller (and with it the whole namespace)."""
 
-    enter_user_namespace(os.CLONE_NEWNET | os.CLONE_NEWIPC | os.CLONE_NEWPID | flags)
-    forbid_nested_user_namespaces()
+    enter_user_namespace(os.CLONE_NEWNET | os.CLONE_NEWIPC | os.CLONE_NEWPID | flags, as_root=as_root)
+    forbid_nested_user_namespaces(nested)
     become_namespace_init()
+
+
+def leave_namespace_root(uid: int, gid: int, sysctl_dir: int | None = None) -> None:
+    """From the root of a user namespace that ``enter_user_namespace(as_root=True)`` made:
+    a nested user namespace in which the caller is ``uid``/``gid`` again (the ids it has
+    outside), and in which no further user namespace may be created.
+
+    The userns-mode test process does this after its IPC limits and mounts are in place:
+    it then holds capabilities only over the nested namespace (which owns nothing), never
+    over the IPC and mount namespaces the zygote's namespace owns, and shows the caller's
+    uid (``os.getuid()``), as the reference's process does. ``sysctl_dir``: as for
+    ``forbid_nested_user_namespaces``."""
+    os.unshare(os.CLONE_NEWUSER)
+    _write("/proc/self/setgroups", "deny")
+    _write("/proc/self/uid_map", f"{uid} 0 1")
+    _write("/proc/self/gid_map", f"{gid} 0 1")
+    forbid_nested_user_namespaces(0, sysctl_dir)
 
 
 def become_namespace_init() -> None:  # pragma: no cover - parent never returns
@@ -101,15 +126,26 @@ def nproc_counts_per_user_namespace() -> bool:
     return bool(version) and (int(version[1]), int(version[2])) >= (5, 14)
 
 
-def forbid_nested_user_namespaces() -> bool:
+def forbid_nested_user_namespaces(limit: int = 0, sysctl_dir: int | None = None) -> bool:
     """No process of our user namespace may create another one (its per-namespace
-    ``max_user_namespaces`` becomes 0): sandboxed code cannot regain capabilities.
+    ``max_user_namespaces`` becomes ``limit``, 0 by default): sandboxed code cannot regain
+    capabilities. (The userns zygote allows its tests' namespaces, ``leave_namespace_root``,
+    which allow none.) ``sysctl_dir``: a handle on a writable ``/proc/sys/user`` (the
+    test's own /proc/sys is read-only by then); the entry resolves to the caller's
+    namespace whichever procfs it is reached through.
 
     Defence in depth, so best effort (False where /proc/sys is read-only, as in many
     containers): a nested namespace would still find every mount locked (MNT_LOCKED and
     its read-only flag), unable to reveal what the tmpfs hides or write to the tree."""
     try:
-        _write("/proc/sys/user/max_user_namespaces", "0")
+        if sysctl_dir is None:
+            _write("/proc/sys/user/max_user_namespaces", str(limit))
+        else:
+            handle = os.open("max_user_namespaces", os.O_WRONLY, dir_fd=sysctl_dir)
+            try:
+                os.write(handle, str(limit).encode())
+            finally:
+                os.close(handle)
     except OSError:
         return False
     return True

@@ -30,6 +30,7 @@ import faulthandler
 import io
 import json
 import os
+import resource
 import select
 import shutil
 import subprocess
@@ -37,7 +38,7 @@ import sys
 
 from grail_megatron.rewards import plain_data
 from grail_megatron.rewards.jail import IPC_BOUNDED, limit_ipc
-from grail_megatron.rewards.privileges import Limits, drop_capabilities, drop_to
+from grail_megatron.rewards.privileges import Limits, drop_capabilities, drop_to, leave_namespace_root
 from grail_megatron.rewards.sandbox_fs import (  # noqa: F401 - re-exported for the launchers
     hiding_plan, import_path_exposure, jail_filesystem, private_mounts_with_import_paths)
 
@@ -126,17 +127,34 @@ def _keep_only(fd: int) -> None:
     os.closerange(fd + 1, 1 << 16)
 
 
-def _jail(config, plans) -> str:
-    """Private IPC namespace (bounded), file system and work directory; returns the latter."""
+def _jail(config, plans) -> tuple[str, bool]:
+    """Private IPC namespace (bounded), file system and work directory; returns the latter
+    and whether the IPC limits are in place.
+
+    userns: the zygote is root of its user namespace, which owns the IPC namespace made
+    here, so it can write the limits; the test then enters a nested user namespace in
+    which it is the caller's uid again (``leave_namespace_root``), holding capabilities
+    over nothing the zygote's namespace owns. Where the limits cannot be written (kernels
+    before 5.17), the caller refuses IPC creation with seccomp instead."""
     hide, shared = plans
+    root = config.mode == "root"
     os.unshare(os.CLONE_NEWIPC)
-    limit_ipc(IPC_BOUNDED, required=config.mode == "root")
+    limited = limit_ipc(IPC_BOUNDED, required=root)
+    # A writable handle on /proc/sys/user (the zygote's /proc) for the nested namespace's
+    # own limit: the test's /proc/sys is read-only (mount_proc) by the time it exists.
+    sysctl_dir = None if root else os.open("/proc/sys/user", os.O_PATH | os.O_DIRECTORY)
     jail_filesystem(hide, shared, config.tmpfs_bytes, writable=True, force_remount=config.remount_each)
     workdir = "/tmp/work"
     os.mkdir(workdir, 0o700)
-    if config.mode == "root":
+    if root:
         os.chown(workdir, config.uid, config.gid)
-    return workdir
+    else:
+        # Before the nested namespace exists: it records this limit for the zygote's
+        # namespace, so that the tests of one zygote share max_processes, as before.
+        resource.setrlimit(resource.RLIMIT_NPROC, (config.max_processes, config.max_processes))
+        leave_namespace_root(config.uid, config.gid, sysctl_dir)
+        os.close(sysctl_dir)
+    return workdir, limited
 
 
 def _unprivileged(config, syscall_filter) -> None:
@@ -214,15 +232,21 @@ def _report(job: dict, line: bytes | None, status: int | None, nonce: str) -> di
 
 
 def run_test(  # pragma: no cover - runs in the forked supervisor only
-    job: dict, result_fd: int, config, plans, syscall_filter
+    job: dict, result_fd: int, config, plans, syscall_filter, ipc_filter=None
 ) -> None:
     """Jail, fork the worker, relay its outcome, exit. ``config`` is a ``SandboxConfig``,
     ``plans`` the zygote's ``sandbox_fs.jail_plans``, ``syscall_filter`` its
-    ``jail.SyscallFilter``."""
+    ``jail.SyscallFilter``, ``ipc_filter`` the same with ``refuse_ipc`` (loaded instead
+    where the IPC limits could not be written)."""
     write, exit_now = os.write, os._exit
     try:
         _keep_only(result_fd)
-        os.chdir(_jail(config, plans))
+        workdir, ipc_limited = _jail(config, plans)
+        os.chdir(workdir)
+        if not ipc_limited:
+            if ipc_filter is None:
+                raise OSError("the IPC limits could not be written")
+            syscall_filter = ipc_filter
         _unprivileged(config, syscall_filter)
         nonce = os.urandom(16).hex()
         read_end, write_end = os.pipe()

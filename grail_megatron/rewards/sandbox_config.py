@@ -15,7 +15,7 @@ class SandboxConfig:
     max_file_bytes: int = 16 * 1024**2  # RLIMIT_FSIZE
     max_open_files: int = 64  # RLIMIT_NOFILE, as the reference
     tmpfs_bytes: int = 64 * 1024**2  # the one tmpfs behind every shared dir of a test (/tmp, /run, ...)
-    uid: int = NOBODY_UID  # root mode: tests switch to this uid/gid
+    uid: int = NOBODY_UID  # root mode: tests switch to this uid/gid (userns: the zygote sets the caller's)
     gid: int = NOBODY_GID
     mode: str = "auto"  # auto | root | userns (sandbox_mode.py); the pool resolves "auto"
     hidden_dirs: tuple[str, ...] = ()  # userns mode: extra directories tests must not see

@@ -4,7 +4,8 @@ In a private mount namespace: the whole tree read-only; directories that must st
 sight covered by an empty read-only tmpfs (userns: the caller's home, /root, ...; root: the
 0700 ancestors of the Python installation), with the import directories inside them bound
 back; every shared directory (``jail.shared_dirs``: /tmp, /run, /dev/shm, ...) replaced by
-one private, size-limited tmpfs; a /proc of the process's own PID namespace.
+one private, size-limited tmpfs; a /proc of the process's own PID namespace (/proc/sys
+read-only).
 """
 from __future__ import annotations
 
@@ -169,11 +170,18 @@ def cover_shared_dirs(libc, plan: dict[str, list[str]], size: int, writable: boo
 
 
 def mount_proc(libc) -> None:
-    """A /proc of the process's own PID namespace. Where the kernel refuses a new procfs
-    (a container that masks parts of /proc, in userns mode), an empty one: the host's
-    /proc would show the trainer's processes, whose environment our uid may read."""
+    """A /proc of the process's own PID namespace, with /proc/sys read-only. Where the
+    kernel refuses a new procfs (a container that masks parts of /proc, in userns mode), an
+    empty one: the host's /proc would show the trainer's processes, whose environment our
+    uid may read.
+
+    /proc/sys is read-only because in userns mode the test's uid is the root of the user
+    namespace owning its IPC namespace, which makes the IPC limits (``jail.limit_ipc``)
+    writable by permission bits alone, capabilities or not."""
     flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
     if libc.mount(b"proc", b"/proc", b"proc", flags, None) == 0:
+        _mount(libc, b"/proc/sys", b"/proc/sys", None, _MS_BIND, None)
+        _mount(libc, b"none", b"/proc/sys", None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | flags, None)
         return
     _mount(libc, b"tmpfs", b"/proc", b"tmpfs", flags | _MS_RDONLY, b"size=4k,mode=0555")
 

@@ -17,10 +17,12 @@ test gets a fresh fork (the supervisor of ``sandbox_child``) that:
   reference's guard (``sandbox_child``).
 
 Not root (``userns`` mode, ``sandbox_mode.py``), the zygote first enters a user namespace
-of its own uid with fresh network, IPC and PID namespaces, and serves from a forked child
-that is PID 1 there (so that it may re-enter its own PID namespace after each fork). Tests
-keep the caller's uid but see a read-only tree with private directories hidden, and drop
-every capability; nested user namespaces are forbidden.
+in which its uid is mapped to 0, with fresh network, IPC and PID namespaces, and serves from
+a forked child that is PID 1 there (so that it may re-enter its own PID namespace after each
+fork). Being root of that namespace lets it write the limits of each test's IPC namespace.
+Tests then enter a nested user namespace in which they have the caller's uid again, see a
+read-only tree with private directories hidden, and drop every capability; they may create
+no further user namespace.
 """
 from __future__ import annotations
 
@@ -49,6 +51,9 @@ _PRELOAD = (
 
 MAX_VERDICT_BYTES = MAX_REPLY_BYTES + (1 << 12)  # a value, JSON-quoted once more
 MAX_CONCURRENT_TESTS = 16  # tests of one program run at once, like the reference's pool
+# userns: the zygote's limit on live nested user namespaces (one per running test; a dead
+# test's namespace is freed asynchronously, hence the margin).
+TEST_USER_NAMESPACES = 1024
 
 
 def _preload() -> None:
@@ -129,6 +134,8 @@ class Zygote:
         imports = [sys.base_prefix, sys.prefix, *sys.path]
         self._plans = jail_plans(config.mode, config.hidden_dirs, config.shared_dirs, imports)
         self._filter = SyscallFilter()
+        # Loaded by a test whose IPC limits could not be written (userns, kernels < 5.17).
+        self._ipc_filter = SyscallFilter(refuse_ipc=True) if config.mode == "userns" else None
 
     def _start(self, job: dict) -> _RunningTest:
         read_end, write_end = os.pipe()
@@ -140,7 +147,7 @@ class Zygote:
                 os.close(read_end)
                 try:
                     signal.signal(signal.SIGINT, signal.default_int_handler)
-                    run_test(job, write_end, self.config, self._plans, self._filter)
+                    run_test(job, write_end, self.config, self._plans, self._filter, self._ipc_filter)
                 finally:
                     os._exit(72)  # never fall back into the zygote's own code
         finally:
@@ -231,8 +238,13 @@ def main() -> None:  # pragma: no cover - runs as the zygote process
         if config.mode == "root":
             _enter_root_mode()
         else:
-            config = _process_limit(config)
-            enter_unprivileged_sandbox()
+            import dataclasses
+
+            # Tests get these ids back in their own user namespace (leave_namespace_root).
+            config = dataclasses.replace(_process_limit(config), uid=os.getuid(), gid=os.getgid())
+            # Root of its user namespace, so that it may write its tests' IPC limits; room
+            # for the tests' own (nested) user namespaces, which allow none themselves.
+            enter_unprivileged_sandbox(as_root=True, nested=TEST_USER_NAMESPACES)
     except OSError as exc:
         sys.stderr.write(unavailable_message(config.mode, explain_os_error(exc)) + "\n")
         sys.exit(1)

@@ -37,3 +37,26 @@ def test_mbpp_parity_through_the_batch_api(sandbox_pool):
     assert len(results) == len(MBPP_CASES)
     for case, result in zip(MBPP_CASES, results):
         _assert_matches(case, result)
+
+
+def test_math_parity_through_the_batch_api_on_a_cold_cache(monkeypatch):
+    """The batch's sympy prefetch (every worker, answers streamed) on an empty verdict
+    cache gives every MATH case the reference's score and components."""
+    from grail_megatron.rewards import sympy_worker
+
+    cases = [case for case in TEXT_CASES if case["components"].get("route") == "math"]
+    checker = sympy_worker.SympyChecker(workers=2)
+    monkeypatch.setattr(sympy_worker, "_DEFAULT", checker)
+
+    def one_by_one(*args):
+        raise AssertionError(f"asked one by one: {args}")
+
+    monkeypatch.setattr(checker, "_ask", one_by_one)  # every verdict must come from the prefetch
+    try:
+        items = [{key: case[key] for key in ("data_source", "solution_str", "ground_truth")} for case in cases]
+        results = compute_score_batch(items, max_workers=2)
+        for case, result in zip(cases, results):
+            _assert_matches(case, result)
+        assert len(checker._cache) > 40
+    finally:
+        checker.close()

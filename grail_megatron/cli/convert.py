@@ -174,8 +174,9 @@ def verl_init_hint(out_root: Path, step: int) -> str:
 def _warn_if_verl_cannot_build(model: Path, tp: int) -> None:
     """verl 0.9.1's mbridge does not pad the vocabulary (its embedding has exactly vocab_size rows).
 
-    Our Bridge pads to a multiple of TP, so such a checkpoint is still valid for `to-hf`,
-    `reshard` and the local loop, but its embedding shape differs from verl's model.
+    Our Bridge pads to a multiple of TP, so such a checkpoint is still valid for `to-hf` and
+    `reshard`, but its embedding shape differs from verl's model (which both training paths,
+    `train` and `train --local`, build).
     """
     import json
 
@@ -183,7 +184,7 @@ def _warn_if_verl_cannot_build(model: Path, tp: int) -> None:
     if isinstance(vocab, int) and vocab % tp:
         print(f"grail-megatron convert from-hf: warning: {model}/config.json vocab_size={vocab} is not a multiple of "
               f"--tp {tp}; the checkpoint stores {-(-vocab // tp) * tp} embedding rows while verl 0.9.1's model "
-              f"(mbridge, no vocab padding) has {vocab}, so verl cannot load it (fine for to-hf/reshard/--local)",
+              f"(mbridge, no vocab padding) has {vocab}, so neither `train` nor `train --local` can load it (fine for to-hf/reshard)",
               file=sys.stderr)
 
 

@@ -6,7 +6,8 @@ Order of work, nothing is launched before every check passed:
   1. compose `configs/<config-name>` on top of verl 0.9.1's config tree (grail_megatron.config);
   2. the validation step (grail_megatron.cli.preflight): types, ranges, GRPO rules, the CPU-run
      rules, the files the run reads (--local and the verl launch), our planner (layouts, batch
-     divisibility, memory per GPU); verl's `validate_config` runs beside it in a helper process;
+     divisibility, memory per GPU); verl's `validate_config` runs beside it in a helper process
+     started before step 1 (config.verl_check);
   3. --dry-run: print the plan and the keys that differ from verl's defaults (--print-config:
      the whole resolved config), exit 0 (no GPU needed); --check: the same checks as a launch
      (files included), print one line, exit 0 (what submit.sh runs before sbatch);
@@ -104,25 +105,22 @@ def check_start_checkpoint(cfg: Any) -> None:
                 "actor_rollout_ref.actor.megatron.use_dist_checkpointing=false to start from the HF weights.")
 
 
-def print_dry_run(cfg: Any, result, print_config: bool = False) -> None:
+def dry_run_report(cfg: Any, result, print_config: bool = False) -> str:
+    """What --dry-run prints once every check passed."""
     from omegaconf import OmegaConf
 
     from grail_megatron.config import plan_report as report
     from grail_megatron.config.config_diff import differing_keys, render_differences
 
-    if print_config:
-        print("# resolved config")
-        print(OmegaConf.to_yaml(cfg, resolve=True))
-    print(render_differences(differing_keys(cfg)))
-    print()
-    print("# plan")
-    print(report.describe_input(result.input))
-    print()
-    print(report.configured_section(result))
-    print()
-    print(report.problems_section(result))
-    print("verl validate_config: passed")
-    print("DRY RUN: nothing launched.")
+    parts = ["# resolved config", OmegaConf.to_yaml(cfg, resolve=True)] if print_config else []
+    parts += [render_differences(differing_keys(cfg)), "", "# plan", report.describe_input(result.input), "",
+              report.configured_section(result), "", report.problems_section(result),
+              "verl validate_config: passed", "DRY RUN: nothing launched."]
+    return "\n".join(parts)
+
+
+def print_dry_run(cfg: Any, result, print_config: bool = False) -> None:
+    print(dry_run_report(cfg, result, print_config))
 
 
 def run_local(cfg: Any, overrides: list[str], config_name: str) -> int:
@@ -134,25 +132,33 @@ def run_local(cfg: Any, overrides: list[str], config_name: str) -> int:
         LocalSettings.from_config(cfg)
     except ConfigError as exc:
         raise BadInput(str(exc)) from None
+    # the local loop builds verl's engine too: the same start checkpoint and vocabulary rules
+    check_start_checkpoint(cfg)
+    check_model_vocabulary(cfg)
     return int(local.main(overrides, config_name=config_name, cfg=cfg) or 0)
 
 
-def validated(args: argparse.Namespace, config_name: str):
-    """Compose and run the validation step, verl's validator beside it; (cfg, plan)."""
+def validated(args: argparse.Namespace, config_name: str, prepare=None):
+    """Compose and run the validation step, verl's validator beside it; (cfg, plan, prepared).
+
+    The helper that imports verl starts before composing (unless this command line's verdict is
+    cached), so its ~4 s import overlaps composition, our checks, the planner and
+    `prepare(cfg, plan)` (e.g. the dry run's report), which is returned for use once verl agreed."""
     from grail_megatron.cli import preflight
     from grail_megatron.config.verl_check import VerlCheck
 
-    cfg = preflight.compose(args.overrides, config_name)
-    verl = VerlCheck.start(cfg)
+    verl = VerlCheck.begin(config_name, args.overrides)  # first: verl's import overlaps all of ours
     try:
+        cfg = preflight.compose(args.overrides, config_name)
         result = preflight.check(cfg, mode_of(args))
-        problem = verl.result()
+        prepared = prepare(cfg, result) if prepare is not None else None
+        problem = verl.result(cfg)
     except BaseException:
         verl.cancel()
         raise
     if problem:
         raise CheckFailed(problem)
-    return cfg, result
+    return cfg, result, prepared
 
 
 def run(args: argparse.Namespace) -> int:
@@ -161,13 +167,13 @@ def run(args: argparse.Namespace) -> int:
     if args.check and args.dry_run:
         raise BadInput("--check and --dry-run exclude each other (--check also checks the files a run reads)")
     config_name = "grpo_grail_kl" if args.kl else args.config_name
-    cfg, result = validated(args, config_name)
+    report = (lambda cfg, result: dry_run_report(cfg, result, args.print_config)) if args.dry_run else None
+    cfg, result, text = validated(args, config_name, prepare=report)
     if args.dry_run:
-        print_dry_run(cfg, result, args.print_config)
+        print(text)  # only now: verl's validator has passed the config too
         return 0
     if args.check:
-        if not args.local:
-            check_start_checkpoint(cfg)
+        check_start_checkpoint(cfg)  # both paths build verl's engine
         print(f"{PROG}: config, files and plan pass every check ({result.input.cluster.world_size} GPU(s), "
               f"actor {result.actor.layout.label}); nothing launched")
         return 0

@@ -52,3 +52,24 @@ def test_vocabulary_must_divide_tensor_parallel_size():
     assert vocabulary_problems(cfg, 296) == []
     (problem,) = vocabulary_problems(cfg, 293)
     assert "actor_rollout_ref.actor.megatron.tensor_model_parallel_size=2" in problem and "293" in problem
+
+
+def test_local_loop_refuses_a_vocabulary_tp_does_not_divide(tmp_path):
+    """`train --local` builds verl's engine too: the same rule, before any rank starts."""
+    from grail_megatron.local import sums
+    from grail_megatron.models.tiny import make_tiny_model, train_tokenizer
+
+    train_tokenizer(sums.tokenizer_texts(), tmp_path / "tok")
+    model = make_tiny_model(tmp_path / "model", tokenizer_dir=tmp_path / "tok", hidden=32, layers=1, heads=2,
+                            kv_heads=1)
+    vocab = __import__("json").loads((model / "config.json").read_text())["vocab_size"]
+    assert vocab % 2  # the tokenizer's odd size, unpadded
+    files = sums.write_dataset(tmp_path / "data", train_size=8, val_size=4, seed=0)
+    proc = subprocess.run([sys.executable, "-m", "grail_megatron.cli", "train", "--local", *CPU,
+                           f"actor_rollout_ref.model.path={model}", f"data.train_files=[{files['train']}]",
+                           f"data.val_files=[{files['val']}]", "trainer.total_training_steps=1",
+                           f"trainer.default_local_dir={tmp_path / 'out'}"],
+                          capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"tensor_model_parallel_size=2 does not divide the model's vocab_size={vocab}" in proc.stderr
+    assert "local GRPO" not in proc.stdout and "Traceback" not in proc.stderr

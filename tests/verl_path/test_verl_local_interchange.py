@@ -5,12 +5,13 @@ samples with the verl path's HF engine and seeds (`rollout.full_determinism=true
 prompts in verl's sampler order and scores with the same reward. So, with the config of the
 shared `tp2_run` (3 steps at TP2 from the converted dist checkpoint, checkpoints at 2 and 3):
 
-(a) the local loop's steps 1 and 2 equal the verl path's: the same sampled responses (score
-    and response-length means to float32 summation order, 1e-6), entropy / pg_loss / grad_norm
-    within the bounds of a rerun of the verl path itself (test_verl_resume.BOUNDS: the rows
-    reach Megatron in another order, bf16 reductions). Step 3 is not compared: the step-2
-    update ran on the rows in another order, so the bf16 weights it starts from differ by
-    rounding (measured: same samples, entropy 8.6e-5 relative apart);
+(a) the local loop's step 1 equals the verl path's: the same sampled responses (score and
+    response-length means to float32 summation order, 1e-6), entropy / pg_loss / grad_norm
+    within the bounds of a rerun of the verl path itself (test_verl_resume.BOUNDS). Later steps
+    are printed, not asserted: verl's TransferQueue hands the rows to Megatron in a random order
+    (uuid4 keys), so the step-1 update's bf16 rounding, and with it the weights step 2 starts
+    from, varies from run to run (measured: step 2 equal to 1e-8 in one run, entropy 7.8e-5
+    relative apart in another, the samples equal in both);
 (b) a `--local` run resumes from the verl path's step-2 checkpoint and its step 3 equals the
     verl path's step 3 (the same weights);
 (c) the verl path resumes from the local run's step-2 checkpoint and its step 3 equals the
@@ -68,8 +69,10 @@ def local_tp2_run(sums, mcore_init, tmp_path_factory):
 
 def test_local_loop_steps_equal_the_verl_paths(local_tp2_run, tp2_run):
     assert sorted(s for s in local_tp2_run.metrics if s > 0) == list(range(1, TP2_STEPS + 1))
-    for step in range(1, TP2_SAVE_FREQ + 1):
-        assert_same_step(local_tp2_run.metrics[step], tp2_run.metrics[step], f"local step {step} vs verl", INTERCHANGE_BOUNDS)
+    assert_same_step(local_tp2_run.metrics[1], tp2_run.metrics[1], "local step 1 vs verl", INTERCHANGE_BOUNDS)
+    for step in range(2, TP2_STEPS + 1):  # reported only (see the module docstring)
+        diffs = {k: abs(local_tp2_run.metrics[step][k] - tp2_run.metrics[step][k]) for k in INTERCHANGE_BOUNDS}
+        print(f"\nlocal step {step} vs verl (not asserted): " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
     # the same layout on disk: verl's step directories and tracker
     assert latest_step(local_tp2_run.out) == TP2_STEPS
     for step in (TP2_SAVE_FREQ, TP2_STEPS):

@@ -34,8 +34,11 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.filterwarnings("ign
 # The same samples on both paths, but the per-step means are float32 sums over the rows in
 # another order (verl's TransferQueue vs the local batch): measured |diff| 3e-8 on a score of
 # 0.41. The rest as a rerun of the verl path (test_verl_resume.BOUNDS).
+# grad_norm: bf16 weight-gradient GEMMs reduce over the rows, whose order differs between the
+# paths (and between verl runs): measured 5.8e-4 and 1.1e-3 absolute on a norm of 2.2 at step 3.
 INTERCHANGE_BOUNDS = {**BOUNDS, **{key: (1e-6, 0.0) for key, (abs_tol, _) in BOUNDS.items() if abs_tol == 0.0
-                                   and key.startswith(("critic/score", "response_length"))}}
+                                   and key.startswith(("critic/score", "response_length"))},
+                      "actor/grad_norm": (0.0, 5e-3)}
 
 
 def tensorboard_metrics(tmp: Path) -> dict[int, dict[str, float]]:

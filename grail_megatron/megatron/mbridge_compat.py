@@ -162,7 +162,25 @@ def restore_param_buffer_movers() -> None:
     _original_buffer_movers.clear()
 
 
-_original_optimizer_state_dict = None
+# DistributedOptimizer methods replaced without Apex/TE (torch Adam inside), by name
+_ORIGINAL_OPTIMIZER_METHODS: dict = {}
+
+
+def _replace_optimizer_method(name: str, replacement) -> bool:
+    from megatron.core.optimizer import distrib_optimizer
+
+    if name in _ORIGINAL_OPTIMIZER_METHODS or distrib_optimizer.HAVE_APEX_OR_TE:
+        return False
+    _ORIGINAL_OPTIMIZER_METHODS[name] = getattr(distrib_optimizer.DistributedOptimizer, name)
+    setattr(distrib_optimizer.DistributedOptimizer, name, replacement)
+    return True
+
+
+def _restore_optimizer_method(name: str) -> None:
+    from megatron.core.optimizer import distrib_optimizer
+
+    if name in _ORIGINAL_OPTIMIZER_METHODS:
+        setattr(distrib_optimizer.DistributedOptimizer, name, _ORIGINAL_OPTIMIZER_METHODS.pop(name))
 
 
 def _state_dict_of_a_fresh_optimizer(self):
@@ -177,33 +195,18 @@ def _state_dict_of_a_fresh_optimizer(self):
         finally:
             for group, (lr, weight_decay) in zip(self.optimizer.param_groups, saved):
                 group["lr"], group["weight_decay"] = lr, weight_decay
-    return _original_optimizer_state_dict(self)
+    return _ORIGINAL_OPTIMIZER_METHODS["state_dict"](self)
 
 
 def give_fresh_optimizers_a_state() -> bool:
     """Without Apex/TE, Megatron's DistributedOptimizer.state_dict reads the inner torch Adam's
     'step', which a fresh Adam does not have yet (`assert len(steps) == 1`); verl calls it on the
     fresh optimizer to build the template a resumed checkpoint is loaded into."""
-    global _original_optimizer_state_dict
-    from megatron.core.optimizer import distrib_optimizer
-
-    if _original_optimizer_state_dict is not None or distrib_optimizer.HAVE_APEX_OR_TE:
-        return False
-    _original_optimizer_state_dict = distrib_optimizer.DistributedOptimizer.state_dict
-    distrib_optimizer.DistributedOptimizer.state_dict = _state_dict_of_a_fresh_optimizer
-    return True
+    return _replace_optimizer_method("state_dict", _state_dict_of_a_fresh_optimizer)
 
 
 def restore_optimizer_state_dict() -> None:
-    global _original_optimizer_state_dict
-    from megatron.core.optimizer import distrib_optimizer
-
-    if _original_optimizer_state_dict is not None:
-        distrib_optimizer.DistributedOptimizer.state_dict = _original_optimizer_state_dict
-        _original_optimizer_state_dict = None
-
-
-_original_optimizer_load_state_dict = None
+    _restore_optimizer_method("state_dict")
 
 
 def _load_state_dict_with_own_steps(self, state_dict):
@@ -211,7 +214,7 @@ def _load_state_dict_with_own_steps(self, state_dict):
     each parameter state's own."""
     import torch
 
-    _original_optimizer_load_state_dict(self, state_dict)
+    _ORIGINAL_OPTIMIZER_METHODS["load_state_dict"](self, state_dict)
     steps = {float(group["step"]) for group in state_dict["optimizer"]["param_groups"] if "step" in group}
     if len(steps) != 1:
         return
@@ -222,23 +225,11 @@ def _load_state_dict_with_own_steps(self, state_dict):
 
 
 def give_adam_states_their_own_steps() -> bool:
-    global _original_optimizer_load_state_dict
-    from megatron.core.optimizer import distrib_optimizer
-
-    if _original_optimizer_load_state_dict is not None or distrib_optimizer.HAVE_APEX_OR_TE:
-        return False
-    _original_optimizer_load_state_dict = distrib_optimizer.DistributedOptimizer.load_state_dict
-    distrib_optimizer.DistributedOptimizer.load_state_dict = _load_state_dict_with_own_steps
-    return True
+    return _replace_optimizer_method("load_state_dict", _load_state_dict_with_own_steps)
 
 
 def restore_optimizer_load_state_dict() -> None:
-    global _original_optimizer_load_state_dict
-    from megatron.core.optimizer import distrib_optimizer
-
-    if _original_optimizer_load_state_dict is not None:
-        distrib_optimizer.DistributedOptimizer.load_state_dict = _original_optimizer_load_state_dict
-        _original_optimizer_load_state_dict = None
+    _restore_optimizer_method("load_state_dict")
 
 
 def apply() -> None:
